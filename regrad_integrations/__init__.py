@@ -1,0 +1,1 @@
+"""Framework adapters for ReGrad (LangChain, LlamaIndex); see the engine in regrad_engine."""
