@@ -1,0 +1,128 @@
+"""Meta checkpoints: the meta-learned LoRA factors phi and step sizes alpha, as a directory.
+
+Layout (fixed names):
+    meta.safetensors   phi tensors under their keys, alpha under "alpha/<key>"
+    manifest.json      format version, base model name + fingerprint, LoRA spec,
+                       alpha mode, training mode, step, metrics, library version
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from regrad_engine.lora import Phi
+
+FORMAT_VERSION = 1
+_ALPHA_PREFIX = "alpha/"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed or made for another model."""
+
+
+def library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("regrad")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class MetaCheckpoint:
+    """Meta-learned initialisation for one base model and adaptation space."""
+
+    phi: Phi
+    alpha: Phi
+    alpha_mode: str
+    lora: dict[str, Any]
+    base_model: str
+    base_fingerprint: str
+    mode: str = "parametric"
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """Hash of the exact phi and alpha values: what a Gradient Bank is bound to."""
+        digest = hashlib.sha256()
+        for name in sorted(self.phi):
+            digest.update(name.encode())
+            digest.update(self.phi[name].detach().float().cpu().contiguous().numpy().tobytes())
+        for name in sorted(self.alpha):
+            digest.update(name.encode())
+            digest.update(self.alpha[name].detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": "regrad-meta-checkpoint",
+            "base_model": self.base_model,
+            "base_fingerprint": self.base_fingerprint,
+            "lora": self.lora,
+            "alpha_mode": self.alpha_mode,
+            "mode": self.mode,
+            "step": self.step,
+            "metrics": self.metrics,
+            "meta_fingerprint": self.fingerprint(),
+            "library_version": library_version(),
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write atomically (temp files + rename) so a crash never leaves half a checkpoint."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.phi.items()}
+        tensors.update({_ALPHA_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in self.alpha.items()})
+        save_file(tensors, directory / "meta.safetensors.tmp", metadata={"format": "pt"})
+        os.replace(directory / "meta.safetensors.tmp", directory / "meta.safetensors")
+        tmp = directory / "manifest.json.tmp"
+        tmp.write_text(json.dumps(self.manifest(), indent=2))
+        os.replace(tmp, directory / "manifest.json")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> MetaCheckpoint:
+        """Read a checkpoint directory.
+
+        Raises:
+            CheckpointError: If the directory is not a regrad meta checkpoint.
+        """
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.exists() or not (directory / "meta.safetensors").exists():
+            raise CheckpointError(f"no meta checkpoint at {directory}: train one with `regrad train`")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") != "regrad-meta-checkpoint":
+            raise CheckpointError(f"{directory} is not a regrad meta checkpoint")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{directory} was written by a newer regrad; upgrade regrad")
+        tensors = load_file(directory / "meta.safetensors", device=str(device))
+        phi = {k: v for k, v in tensors.items() if not k.startswith(_ALPHA_PREFIX)}
+        alpha = {k[len(_ALPHA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ALPHA_PREFIX)}
+        return cls(phi=phi, alpha=alpha, alpha_mode=manifest["alpha_mode"], lora=manifest["lora"],
+                   base_model=manifest["base_model"], base_fingerprint=manifest["base_fingerprint"],
+                   mode=manifest.get("mode", "parametric"), step=manifest.get("step", 0),
+                   metrics=manifest.get("metrics", {}))
+
+    def check_base(self, fingerprint: str, name: str = "") -> None:
+        """Refuse to run on a base model other than the one this checkpoint was trained on."""
+        if fingerprint != self.base_fingerprint:
+            raise CheckpointError(
+                f"this meta checkpoint was trained on base model {self.base_model!r} "
+                f"(fingerprint {self.base_fingerprint}) but the loaded model {name!r} has fingerprint "
+                f"{fingerprint}: load the matching model or train a checkpoint for this one")
+
+
+def to_device(tensors: dict[str, Tensor], device, dtype=None) -> dict[str, Tensor]:
+    return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}

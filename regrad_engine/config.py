@@ -1,0 +1,80 @@
+"""Validated configuration for the CLI jobs (pydantic; unknown keys are rejected).
+
+Config files are JSON; every field can be overridden by a CLI flag of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or flag value is invalid; the message says which and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scaling = lora_alpha / r).")
+    target_modules: list[str] = Field(["gate_proj", "up_proj", "down_proj"], min_length=1,
+                                      description="Names of the linear layers to adapt.")
+    layers: list[int] | None = Field(None, description="Block indices to adapt (default: an upper-middle quarter).")
+
+
+class MetaTrainConfig(_Strict):
+    """Stage 1: meta-learning of phi and alpha."""
+
+    model: str | None = Field(None, description="Base model: HF id or local path; None = embedded default.")
+    data: str = Field(..., description="Directory with corpus.jsonl + train.jsonl/dev.jsonl (see `regrad_engine.data`).")
+    out: str = Field(..., description="Checkpoint directory to write (best/ and last/ inside).")
+    init_from: str | None = Field(None, description="Continue from this meta checkpoint (domain transfer).")
+    resume: bool = Field(True, description="Resume from out/last if it exists.")
+    mode: Literal["parametric", "hybrid"] = Field("parametric", description="Passages out of (parametric) or in (hybrid) the prompt.")
+    k: int = Field(3, ge=1, description="Passages per question (gold among distractors).")
+    steps: int = Field(600, ge=1, description="Meta-steps (outer optimiser steps).")
+    tasks_per_step: int = Field(4, ge=1, description="Questions per meta-step (meta-batch).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate for phi.")
+    alpha_lr: float | None = Field(None, gt=0, description="Learning rate for alpha (default: lr).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    clip: float = Field(0.5, gt=0, description="Gradient-norm clipping.")
+    alpha_mode: Literal["tie", "full", "same", "fix"] = Field("tie", description="Step-size granularity.")
+    alpha_init: float = Field(1e-2, gt=0, description="Initial step size.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Adaptation space.")
+    doc_max_tokens: int = Field(200, ge=2, description="Tokens per passage for the inner gradient.")
+    qa_max_length: int = Field(1536, ge=16, description="Max tokens of the outer QA sequence.")
+    eval_every: int = Field(50, ge=1, description="Dev evaluation (and save) every this many steps.")
+    dev_size: int = Field(64, ge=1, description="Dev questions used per evaluation.")
+    bf16: bool = Field(False, description="bf16 autocast (used only where the device supports it).")
+    device: str = Field("cpu", description="torch device.")
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaTrainConfig:
+        if self.alpha_mode == "fix" and self.alpha_lr is not None:
+            raise ValueError("alpha_mode='fix' keeps alpha constant: drop alpha_lr")
+        return self
+
+
+def load_config(cls: type[BaseModel], path: str | None, overrides: dict) -> BaseModel:
+    """Build a config from an optional JSON file plus non-None overrides (flags win)."""
+    data: dict = {}
+    if path:
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from err

@@ -1,0 +1,243 @@
+"""Stage 1: meta-learning (MAML-style, bi-level) of the LoRA initialisation phi and step sizes alpha.
+
+For a task (question q, answer a, passages p_1..p_k):
+    inner:  g_j = grad_phi L_LM(p_j; phi)            (create_graph: differentiable)
+    update: phi' = phi - alpha (.) sum_j g_j          (apply_update)
+    outer:  L_QA = -log p(a | q [, passages]; phi')  (answer tokens only)
+phi and alpha are trained on L_QA with AdamW, warm-up + linear decay and clipping.
+All tasks of a meta-step run batched: their k passages share one backward, and each task
+runs the outer pass with its own phi' (batched factors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from regrad_engine.checkpoint import MetaCheckpoint
+from regrad_engine.config import MetaTrainConfig
+from regrad_engine.gradients import document_gradients, model_loss
+from regrad_engine.lora import LoraSpace, Phi, apply_update, init_step_sizes
+from regrad_engine.prompts import encode_documents, encode_qa_batch
+
+
+@dataclass(frozen=True)
+class MetaExample:
+    """One meta-training task: a question, its answers and the k passages given for it."""
+
+    question: str
+    answers: list[str]
+    passages: list[str]
+
+
+def sum_per_task(grads: Phi, owner: Tensor, num_tasks: int) -> Phi:
+    """Sum per-passage gradients (n, *shape) into per-task sums (num_tasks, *shape)."""
+    return {k: torch.zeros((num_tasks, *g.shape[1:]), dtype=g.dtype, device=g.device).index_add(0, owner, g)
+            for k, g in grads.items()}
+
+
+def meta_loss(model: nn.Module, tokenizer, space: LoraSpace, phi: Phi, alpha: Phi,
+              tasks: Sequence[MetaExample], *, mode: str = "parametric", doc_max_tokens: int = 200,
+              qa_max_length: int = 1536, create_graph: bool = True, use_gradients: bool = True) -> Tensor:
+    """Mean outer (answer-token) loss of the tasks after their inner update.
+
+    Args:
+        create_graph: Differentiate through the inner gradients (training); False for eval.
+        use_gradients: False evaluates phi itself (no inner update), a baseline.
+
+    Returns:
+        Scalar loss.
+    """
+    device = next(iter(phi.values())).device
+    if use_gradients:
+        passages = [p for t in tasks for p in t.passages]
+        owner = torch.tensor([i for i, t in enumerate(tasks) for _ in t.passages], device=device)
+        docs = {k: v.to(device) for k, v in encode_documents(tokenizer, passages, doc_max_tokens).items()}
+        grads = document_gradients(model, space, phi, docs, create_graph=create_graph)
+        adapted = apply_update(phi, sum_per_task(grads, owner, len(tasks)), alpha)
+    else:
+        adapted = phi
+    qa = encode_qa_batch(tokenizer, [t.question for t in tasks], [t.answers[0] for t in tasks],
+                         [t.passages for t in tasks] if mode == "hybrid" else None, qa_max_length)
+    qa = {k: v.to(device) for k, v in qa.items()}
+    return model_loss(model, space, adapted, qa).mean()
+
+
+def evaluate_loss(model, tokenizer, space, phi, alpha, tasks, *, batch_size: int = 4, **kwargs) -> float:
+    """Mean outer loss over tasks, no graph kept."""
+    total = 0.0
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start:start + batch_size]
+        loss = meta_loss(model, tokenizer, space, phi, alpha, chunk, create_graph=False, **kwargs)
+        total += loss.item() * len(chunk)
+    return total / max(1, len(tasks))
+
+
+def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, int(total * warmup_ratio))
+    return lambda step: min(1.0, (step + 1) / warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MetaTrainer:
+    """Runs meta-training; writes ``out/last`` every evaluation and ``out/best`` on dev improvement.
+
+    Args:
+        model: Frozen base model (eager attention on CPU: SDPA has no double backward there).
+        tokenizer: Its tokenizer (with chat template).
+        space: Adaptation space installed on the model.
+        config: Training settings.
+        base_model: Name recorded in checkpoints.
+        base_fingerprint: Fingerprint of the base model (see ``models.model_fingerprint``).
+        init: Start from this checkpoint's phi/alpha (continued training) instead of fresh.
+    """
+
+    def __init__(self, model, tokenizer, space: LoraSpace, config: MetaTrainConfig, *,
+                 base_model: str, base_fingerprint: str, init: MetaCheckpoint | None = None) -> None:
+        self.model, self.tokenizer, self.space, self.cfg = model, tokenizer, space, config
+        self.base_model, self.base_fingerprint = base_model, base_fingerprint
+        self.device = torch.device(config.device)
+        if init is not None:
+            init.check_base(base_fingerprint, base_model)
+            phi0 = {k: v.float() for k, v in init.phi.items()}
+            alpha0 = {k: v.float() for k, v in init.alpha.items()}
+        else:
+            phi0 = space.init_phi(seed=config.seed)
+            alpha0 = init_step_sizes(phi0, config.alpha_mode, config.alpha_init)
+        self.phi = {k: nn.Parameter(v.to(self.device)) for k, v in phi0.items()}
+        self.alpha = {k: nn.Parameter(v.to(self.device), requires_grad=config.alpha_mode != "fix")
+                      for k, v in alpha0.items()}
+        groups = [{"params": list(self.phi.values()), "lr": config.lr}]
+        if config.alpha_mode != "fix":
+            groups.append({"params": list(self.alpha.values()), "lr": config.alpha_lr or config.lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config.steps, config.warmup_ratio))
+        self.step = 0
+        self.best = math.inf
+        self.history: list[dict] = []
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint(self, metrics: dict | None = None) -> MetaCheckpoint:
+        return MetaCheckpoint(phi={k: v.detach().clone() for k, v in self.phi.items()},
+                              alpha={k: v.detach().clone() for k, v in self.alpha.items()},
+                              alpha_mode=self.cfg.alpha_mode, lora=self.space.spec(),
+                              base_model=self.base_model, base_fingerprint=self.base_fingerprint,
+                              mode=self.cfg.mode, step=self.step, metrics=metrics or {})
+
+    def save_state(self, directory: Path) -> None:
+        """Checkpoint + optimiser state, enough to resume exactly (no pickle)."""
+        self.checkpoint({"history": self.history[-1:]}).save(directory)
+        state = self.optimizer.state_dict()
+        tensors = {f"{i}/{name}": value.detach().cpu().contiguous()
+                   for i, slot in state["state"].items() for name, value in slot.items()}
+        save_file(tensors, directory / "optimizer.safetensors")
+        (directory / "trainer_state.json").write_text(json.dumps(
+            {"step": self.step, "best": self.best, "history": self.history}, indent=1))
+
+    def load_state(self, directory: Path) -> None:
+        ckpt = MetaCheckpoint.load(directory, device=self.device)
+        ckpt.check_base(self.base_fingerprint, self.base_model)
+        with torch.no_grad():
+            for k, v in ckpt.phi.items():
+                self.phi[k].copy_(v)
+            for k, v in ckpt.alpha.items():
+                self.alpha[k].copy_(v)
+        tensors = load_file(directory / "optimizer.safetensors", device=str(self.device))
+        state = self.optimizer.state_dict()
+        slots: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.split("/", 1)
+            slots.setdefault(int(index), {})[name] = value
+        state["state"] = slots
+        self.optimizer.load_state_dict(state)
+        info = json.loads((directory / "trainer_state.json").read_text())
+        self.step, self.best, self.history = info["step"], info["best"], info["history"]
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()
+
+    # -------------------------------------------------------------- training
+    def _loss(self, tasks: Sequence[MetaExample], create_graph: bool = True) -> Tensor:
+        return meta_loss(self.model, self.tokenizer, self.space, self.phi, self.alpha, tasks,
+                         mode=self.cfg.mode, doc_max_tokens=self.cfg.doc_max_tokens,
+                         qa_max_length=self.cfg.qa_max_length, create_graph=create_graph)
+
+    def dev_loss(self, dev: Sequence[MetaExample]) -> float:
+        return evaluate_loss(self.model, self.tokenizer, self.space, self.phi, self.alpha,
+                             list(dev[: self.cfg.dev_size]), mode=self.cfg.mode,
+                             doc_max_tokens=self.cfg.doc_max_tokens, qa_max_length=self.cfg.qa_max_length)
+
+    def train_step(self, tasks: Sequence[MetaExample]) -> float:
+        with _autocast(self.device, self.cfg.bf16):
+            loss = self._loss(tasks)
+        loss.backward()
+        params = list(self.phi.values()) + [a for a in self.alpha.values() if a.requires_grad]
+        nn.utils.clip_grad_norm_(params, self.cfg.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss.item()
+
+    def fit(self, train: Sequence[MetaExample], dev: Sequence[MetaExample], out: str | Path,
+            log: Callable[[str], None] = print, progress: bool = True) -> MetaCheckpoint:
+        """Train for ``config.steps`` meta-steps; returns the best checkpoint (by dev loss)."""
+        from tqdm.auto import tqdm
+
+        out = Path(out)
+        if self.cfg.resume and (out / "last" / "trainer_state.json").exists():
+            self.load_state(out / "last")
+            log(f"resumed from {out / 'last'} at step {self.step}")
+        if self.step == 0:
+            start = self.dev_loss(dev)
+            self.history.append({"step": 0, "dev_loss": start})
+            log(f"step 0 dev_loss {start:.4f}")
+        rng = random.Random(self.cfg.seed)
+        order: list[int] = []
+        for _ in range(self.step):  # replay the data order so a resumed run sees the same tasks
+            order = self._next_batch(order, rng, len(train))[1]
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="meta-train", disable=not progress)
+        recent: list[float] = []
+        started = time.time()
+        while self.step < self.cfg.steps:
+            indices, order = self._next_batch(order, rng, len(train))
+            recent.append(self.train_step([train[i] for i in indices]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
+            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                dev_loss = self.dev_loss(dev)
+                record = {"step": self.step, "train_loss": sum(recent) / len(recent), "dev_loss": dev_loss,
+                          "alpha_mean": float(torch.stack([a.detach().mean() for a in self.alpha.values()]).mean()),
+                          "seconds": round(time.time() - started, 1)}
+                recent = []
+                self.history.append(record)
+                log(json.dumps(record))
+                if dev_loss < self.best:
+                    self.best = dev_loss
+                    self.checkpoint({"dev_loss": dev_loss}).save(out / "best")
+                self.save_state(out / "last")
+        bar.close()
+        (out / "history.json").write_text(json.dumps(self.history, indent=1))
+        return MetaCheckpoint.load(out / "best") if (out / "best").exists() else self.checkpoint()
+
+    def _next_batch(self, order: list[int], rng: random.Random, n: int) -> tuple[list[int], list[int]]:
+        size = self.cfg.tasks_per_step
+        while len(order) < size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order = order + fresh
+        return order[:size], order[size:]

@@ -1,0 +1,119 @@
+"""Prompts and token batches: chat markup always comes from the tokenizer's template.
+
+Two prompt shapes: ``parametric`` (the question alone: knowledge must come from the
+gradients) and ``hybrid`` (numbered passages, then the question). Only the user-message
+wording below is ours; the chat markup around it is the model's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from regrad_engine.gradients import IGNORE_INDEX
+
+Mode = Literal["parametric", "hybrid"]
+MODES: tuple[str, ...] = ("parametric", "hybrid")
+
+QUESTION_TEMPLATE = "Question: {question}\nAnswer with a short phrase only."
+CONTEXT_TEMPLATE = "Context:\n{passages}\n\n"
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'parametric' or 'hybrid', got {mode!r}")
+    return mode
+
+
+def user_message(question: str, passages: Sequence[str] | None = None) -> str:
+    """The user turn: numbered passages (if any), then the question."""
+    text = QUESTION_TEMPLATE.format(question=question.strip())
+    if passages:
+        numbered = "\n\n".join(f"[{i + 1}] {p.strip()}" for i, p in enumerate(passages))
+        text = CONTEXT_TEMPLATE.format(passages=numbered) + text
+    return text
+
+
+def chat_prompt(tokenizer, question: str, passages: Sequence[str] | None = None) -> str:
+    """Prompt text ending where the assistant's answer starts."""
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template: use an instruction-tuned model "
+                         "or set tokenizer.chat_template")
+    messages = [{"role": "user", "content": user_message(question, passages)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_qa(tokenizer, question: str, answer: str, passages: Sequence[str] | None = None,
+              max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer turn, and labels on the answer turn only.
+
+    The answer turn is the text the chat template adds after the generation prompt for an
+    assistant message (answer plus end-of-turn marker), so the model learns to stop.
+    Long prompts are cut from the left (passages first), never the answer.
+    """
+    prompt = chat_prompt(tokenizer, question, passages)
+    messages = [{"role": "user", "content": user_message(question, passages)},
+                {"role": "assistant", "content": answer.strip()}]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with an answer; "
+                         "cannot locate the answer tokens")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False)["input_ids"]
+    if max_length is not None and len(prompt_ids) + len(answer_ids) > max_length:
+        prompt_ids = prompt_ids[len(prompt_ids) + len(answer_ids) - max_length:]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + list(answer_ids)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None,
+              pad_id: int, *, left: bool = False) -> dict[str, Tensor]:
+    """Pad to a (b, t) batch with attention mask; labels padded with -100."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    lab = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+        if labels is not None:
+            lab[row, span] = torch.tensor(labels[row], dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = lab
+    return batch
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 200) -> dict[str, Tensor]:
+    """LM-loss batch for documents: raw text, every token labelled, cut at ``max_tokens``."""
+    if not texts:
+        raise ValueError("no documents to encode")
+    seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    for text, seq in zip(texts, seqs):
+        if len(seq) < 2:
+            raise ValueError(f"document too short for an LM gradient (needs 2+ tokens): {text[:60]!r}")
+    return pad_batch(seqs, seqs, pad_id(tokenizer))
+
+
+def encode_qa_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],
+                    passages: Sequence[Sequence[str] | None] | None = None,
+                    max_length: int | None = None) -> dict[str, Tensor]:
+    """Right-padded QA batch with answer-only labels."""
+    pairs = [encode_qa(tokenizer, q, a, passages[i] if passages else None, max_length)
+             for i, (q, a) in enumerate(zip(questions, answers))]
+    return pad_batch([p[0] for p in pairs], [p[1] for p in pairs], pad_id(tokenizer))
+
+
+def encode_prompts(tokenizer, questions: Sequence[str],
+                   passages: Sequence[Sequence[str] | None] | None = None) -> dict[str, Tensor]:
+    """Left-padded generation prompts (batched generation needs left padding)."""
+    seqs = [tokenizer(chat_prompt(tokenizer, q, passages[i] if passages else None),
+                      add_special_tokens=False)["input_ids"] for i, q in enumerate(questions)]
+    return pad_batch(seqs, None, pad_id(tokenizer), left=True)
