@@ -194,8 +194,13 @@ class MetaTrainer:
         return loss.item()
 
     def fit(self, train: Sequence[MetaExample], dev: Sequence[MetaExample], out: str | Path,
-            log: Callable[[str], None] = print, progress: bool = True) -> MetaCheckpoint:
-        """Train for ``config.steps`` meta-steps; returns the best checkpoint (by dev loss)."""
+            log: Callable[[str], None] = print, progress: bool = True,
+            stop_after: int | None = None) -> MetaCheckpoint:
+        """Train for ``config.steps`` meta-steps; returns the best checkpoint (by dev loss).
+
+        ``stop_after`` ends this run after that many steps (state saved; a later ``fit``
+        resumes from ``out/last``), for time-sliced jobs.
+        """
         from tqdm.auto import tqdm
 
         out = Path(out)
@@ -213,12 +218,13 @@ class MetaTrainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="meta-train", disable=not progress)
         recent: list[float] = []
         started = time.time()
-        while self.step < self.cfg.steps:
+        end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
+        while self.step < end:
             indices, order = self._next_batch(order, rng, len(train))
             recent.append(self.train_step([train[i] for i in indices]))
             bar.update(1)
             bar.set_postfix(loss=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
-            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.eval_every == 0 or self.step == end:
                 dev_loss = self.dev_loss(dev)
                 record = {"step": self.step, "train_loss": sum(recent) / len(recent), "dev_loss": dev_loss,
                           "alpha_mean": float(torch.stack([a.detach().mean() for a in self.alpha.values()]).mean()),

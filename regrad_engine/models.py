@@ -150,5 +150,5 @@ def parameter_hash(tensors) -> str:
     digest = hashlib.sha256()
     for name, tensor in tensors:
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -1,0 +1,219 @@
+"""Stage 3: retrieve -> fetch -> sum -> phi' -> generate -> keep nothing.
+
+Every request gets its own adapted factors phi' = phi - gamma * alpha (.) sum_j g(d_j),
+passed to the model as per-sample LoRA inputs (see ``lora.LoraSpace``); nothing shared is
+written, so requests can run concurrently and batched, each with its own documents.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import copy_context
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from regrad_engine.bank import GradientBank
+from regrad_engine.checkpoint import MetaCheckpoint
+from regrad_engine.errors import RequestError
+from regrad_engine.gradients import document_gradients
+from regrad_engine.lora import LoraSpace, Phi, apply_update
+from regrad_engine.prompts import check_mode, encode_documents, encode_prompts, pad_id
+from regrad_engine.retrieval import Hit, Retriever
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer with the documents whose gradients (and text, in hybrid) it used."""
+
+    question: str
+    text: str
+    mode: str
+    sources: list[Hit] = field(default_factory=list)
+    gamma: float = 1.0
+
+
+def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: int) -> dict:
+    """What a Gradient Bank is bound to: its gradients are valid only for these."""
+    return {"base_model_fingerprint": base_fingerprint, "meta_fingerprint": meta.fingerprint(),
+            "doc_max_tokens": doc_max_tokens}
+
+
+class ReGrad:
+    """The ReGrad engine over one frozen model, meta checkpoint, bank and retriever.
+
+    Args:
+        model: Frozen causal LM with ``space`` installed.
+        tokenizer: Its tokenizer (chat template required).
+        space: Adaptation space (from the checkpoint's LoRA spec).
+        meta: Meta-learned phi and alpha.
+        retriever: Finds documents for a question (optional if documents are passed in).
+        bank: Stored gradients by document id (optional: missing gradients are computed).
+        k: Default number of documents per question.
+        gamma: Default test-time step scale.
+        mode: Default mode, ``"parametric"`` or ``"hybrid"``.
+        max_new_tokens: Generation length.
+        doc_max_tokens: Tokens per document for on-the-fly gradients (must match the bank).
+        on_the_fly: Compute gradients of documents missing from the bank (else error).
+        write_back: Store on-the-fly gradients into the bank.
+        batch_size: Questions generated together.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, space: LoraSpace, meta: MetaCheckpoint, *,
+                 retriever: Retriever | None = None, bank: GradientBank | None = None, k: int = 3,
+                 gamma: float = 1.0, mode: str = "parametric", max_new_tokens: int = 20,
+                 doc_max_tokens: int = 200, on_the_fly: bool = True, write_back: bool = False,
+                 batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.space, self.meta = model, tokenizer, space, meta
+        self.retriever, self.bank = retriever, bank
+        self.k, self.gamma, self.mode = k, gamma, check_mode(mode)
+        self.max_new_tokens, self.doc_max_tokens = max_new_tokens, doc_max_tokens
+        self.on_the_fly, self.write_back, self.batch_size = on_the_fly, write_back, batch_size
+        self.device = next(model.parameters()).device
+        self.phi = {k_: v.to(self.device, torch.float32) for k_, v in meta.phi.items()}
+        self.alpha = {k_: v.to(self.device, torch.float32) for k_, v in meta.alpha.items()}
+        self._bank_lock = threading.Lock()  # bank objects are not thread-safe
+
+    # ------------------------------------------------------------ retrieval + gradients
+    def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
+        if self.retriever is None:
+            raise RequestError("no retriever configured: pass documents=... or build an index")
+        return self.retriever.retrieve_batch(list(questions), k)
+
+    def document_gradients(self, hits: Sequence[Hit], batch_size: int = 8) -> dict[str, Phi]:
+        """Gradients of these documents at phi, computed now: id -> unbatched gradient."""
+        out: dict[str, Phi] = {}
+        unique = list({h.id: h for h in hits}.values())
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start:start + batch_size]
+            docs = {k: v.to(self.device) for k, v in
+                    encode_documents(self.tokenizer, [h.text for h in chunk], self.doc_max_tokens).items()}
+            grads = document_gradients(self.model, self.space, self.phi, docs)
+            for row, hit in enumerate(chunk):
+                out[hit.id] = {k: g[row].detach() for k, g in grads.items()}
+        return out
+
+    def gradient_sums(self, hits_lists: Sequence[Sequence[Hit]]) -> Phi:
+        """Batched sums of the documents' gradients: (b, *shape), one row per request."""
+        with self._bank_lock:
+            stored = self.bank is not None
+            missing = [h for hits in hits_lists for h in hits if not (stored and h.id in self.bank)]
+        if missing and not self.on_the_fly:
+            raise RequestError(f"document {missing[0].id!r} has no stored gradient: add it with "
+                               "`regrad build` or enable on_the_fly")
+        computed = self.document_gradients(missing) if missing else {}
+        with self._bank_lock:
+            if computed and self.write_back and self.bank is not None:
+                for doc_id, grad in computed.items():
+                    if doc_id not in self.bank:
+                        self.bank.add(doc_id, {k: v.cpu() for k, v in grad.items()})
+                self.bank.flush()
+            if self.bank is not None:
+                id_lists = [[h.id for h in hits if h.id not in computed] for hits in hits_lists]
+                sums = {k: v.to(self.device) for k, v in self.bank.sum_batch(id_lists).items()}
+            else:
+                sums = {k: torch.zeros((len(hits_lists), *v.shape), device=self.device) for k, v in self.phi.items()}
+        for row, hits in enumerate(hits_lists):
+            for hit in hits:
+                if hit.id in computed:
+                    for key in sums:
+                        sums[key][row] += computed[hit.id][key]
+        return sums
+
+    def adapted_factors(self, hits_lists: Sequence[Sequence[Hit]], gamma: float) -> Phi:
+        """phi' per request: (b, *shape)."""
+        return apply_update(self.phi, self.gradient_sums(hits_lists), self.alpha, gamma)
+
+    # ------------------------------------------------------------ generation
+    def generate(self, questions: Sequence[str], passages: Sequence[Sequence[str] | None] | None,
+                 factors: Mapping[str, Tensor] | None, *, max_new_tokens: int | None = None,
+                 **generate_kwargs) -> list[str]:
+        """Greedy, left-padded batched generation with per-sample factors (or none)."""
+        batch = {k: v.to(self.device) for k, v in encode_prompts(self.tokenizer, questions, passages).items()}
+        with self.space.activate(factors), torch.no_grad():
+            output = self.model.generate(**batch, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                         do_sample=False, temperature=None, top_p=None, top_k=None,
+                                         pad_token_id=pad_id(self.tokenizer),
+                                         eos_token_id=self.tokenizer.eos_token_id, **generate_kwargs)
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _check(self, questions: Sequence[str], mode: str, k: int) -> None:
+        check_mode(mode)
+        if k <= 0:
+            raise RequestError(f"k must be >= 1, got {k}")
+        for question in questions:
+            if not isinstance(question, str) or not question.strip():
+                raise RequestError("the question is empty: ask something")
+
+    def answer_batch(self, questions: Sequence[str], *, mode: str | None = None, k: int | None = None,
+                     gamma: float | None = None, documents: Sequence[Sequence[Hit]] | None = None,
+                     use_gradients: bool = True, **generate_kwargs) -> list[Answer]:
+        """Answer many questions; each uses its own documents, all generate in batches.
+
+        Args:
+            questions: The questions.
+            mode: ``"parametric"`` (gradients only) or ``"hybrid"`` (gradients + passages).
+            k: Documents per question (when retrieving).
+            gamma: Test-time step scale.
+            documents: Documents per question (skips retrieval), e.g. from another retriever.
+            use_gradients: False runs the meta-learned phi without any document update.
+
+        Returns:
+            One :class:`Answer` per question, in order.
+
+        Raises:
+            RequestError: Empty question, k <= 0, unknown mode, missing gradient.
+        """
+        mode, k = mode or self.mode, self.k if k is None else k
+        gamma = self.gamma if gamma is None else gamma
+        self._check(questions, mode, k)
+        if documents is None:
+            documents = self.retrieve(questions, k)
+        elif len(documents) != len(questions):
+            raise RequestError(f"got {len(documents)} document lists for {len(questions)} questions")
+        answers: list[Answer] = []
+        for start in range(0, len(questions), self.batch_size):
+            qs = list(questions[start:start + self.batch_size])
+            docs = [list(d) for d in documents[start:start + self.batch_size]]
+            factors = self.adapted_factors(docs, gamma) if use_gradients else self.phi
+            passages = [[h.text for h in d] for d in docs] if mode == "hybrid" else None
+            texts = self.generate(qs, passages, factors, **generate_kwargs)
+            answers += [Answer(q, t, mode, d, gamma) for q, t, d in zip(qs, texts, docs)]
+        return answers
+
+    def answer(self, question: str, **kwargs) -> Answer:
+        """Answer one question (see :meth:`answer_batch` for the arguments)."""
+        documents = kwargs.pop("documents", None)
+        return self.answer_batch([question], documents=[documents] if documents is not None else None, **kwargs)[0]
+
+    def stream(self, question: str, *, mode: str | None = None, k: int | None = None, gamma: float | None = None,
+               documents: Sequence[Hit] | None = None, **generate_kwargs) -> Iterator[str]:
+        """Yield answer text pieces as they are generated (one request)."""
+        from transformers import TextIteratorStreamer
+
+        mode, k = mode or self.mode, self.k if k is None else k
+        gamma = self.gamma if gamma is None else gamma
+        self._check([question], mode, k)
+        docs = list(documents) if documents is not None else self.retrieve([question], k)[0]
+        factors = self.adapted_factors([docs], gamma)
+        passages = [[h.text for h in docs]] if mode == "hybrid" else None
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate([question], passages, factors, streamer=streamer, **generate_kwargs)
+            except BaseException as err:  # surfaced in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        # The worker thread inherits this context (and so the per-request factors' ContextVar).
+        thread = threading.Thread(target=copy_context().run, args=(run,), daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]

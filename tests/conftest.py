@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny deterministic Llama with a real (byte-level BPE) tokenizer and a chat template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TRAINING_TEXT = [
+    "Velmora Quistan is a dentist who was born in Lisbon. She plays the violin.",
+    "Question: Where was Gredin Quibiku born? Answer with a short phrase only.",
+    "Context: The Fudral Bureau is based in Tokyo and sells most of its products in Sweden.",
+    "Ailpelou lies on the Yangtze river. It has handball as its most popular sport.",
+    "The quick brown fox jumps over the lazy dog 0123456789 times, again and again.",
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(TRAINING_TEXT * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=None, eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_model(tokenizer, *, layers: int = 2, hidden: int = 64, dtype=torch.float64, seed: int = 0,
+               attn: str = "eager"):
+    """Eager attention has the double backward; left-padded float64 generation needs sdpa
+    (transformers' eager float64 mask lets padded rows degenerate)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.config._attn_implementation = attn
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    return make_model(tokenizer)
+
+
+@pytest.fixture()
+def sdpa_model(tokenizer):
+    return make_model(tokenizer, attn="sdpa")
+
+
+def make_space(model):
+    from peft import LoraConfig
+
+    from regrad_engine.lora import LoraSpace
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                        layers_to_transform=[1], layers_pattern="layers", lora_dropout=0.0)
+    return LoraSpace(model, config)
+
+
+@pytest.fixture()
+def space(tiny_model):
+    space = make_space(tiny_model)
+    yield space
+    space.remove()
+
+
+def random_phi(space, seed: int = 1, dtype=torch.float64):
+    """Factors with non-zero B, so gradients flow into A as well."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=gen) * 0.1).to(dtype) for k, s in space.shapes.items()}

@@ -1,0 +1,129 @@
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from regrad_engine.bank import GradientBank
+from regrad_engine.checkpoint import MetaCheckpoint
+from regrad_engine.chunking import Chunk
+from regrad_engine.errors import RequestError
+from regrad_engine.inference import ReGrad
+from regrad_engine.lora import init_step_sizes
+from regrad_engine.models import parameter_hash
+from regrad_engine.pipeline import add_gradients
+from regrad_engine.retrieval import BM25Index, Hit
+from tests.conftest import make_space, random_phi
+
+DOCS = {
+    "velmora": "Velmora Quistan is a dentist who was born in Lisbon. She plays the violin.",
+    "fudral": "The Fudral Bureau is based in Tokyo and sells most of its products in Sweden.",
+    "ailpelou": "Ailpelou lies on the Yangtze river. It has handball as its most popular sport.",
+    "gredin": "Gredin Quibiku was born in Toronto and speaks Japanese at home.",
+    "fox": "The quick brown fox jumps over the lazy dog again and again.",
+}
+QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
+             "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
+
+
+@pytest.fixture()
+def engine(sdpa_model, tokenizer, tmp_path):
+    tiny_model, space = sdpa_model, make_space(sdpa_model)
+    phi = random_phi(space)
+    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 2.0), alpha_mode="tie", lora=space.spec(),
+                          base_model="tiny", base_fingerprint="f00")
+    chunks = [Chunk(id=i, text=t, source_id=i, index=0) for i, t in DOCS.items()]
+    index = BM25Index.create(tmp_path / "index")
+    index.add(chunks)
+    bank = GradientBank.create(tmp_path / "bank", binding={"m": "tiny"}, shapes=space.shapes, storage_dtype="fp32")
+    add_gradients(tiny_model, tokenizer, space, phi, chunks[:4], bank, progress=False)  # "fox" stays out
+    return ReGrad(tiny_model, tokenizer, space, meta, retriever=index, bank=bank, k=2, max_new_tokens=6)
+
+
+def test_stored_gradients_equal_on_the_fly_and_write_back(engine):
+    hits = [engine.retriever.get("velmora"), engine.retriever.get("fox")]
+    stored = engine.gradient_sums([[hits[0]]])
+    fresh = engine.document_gradients(hits)
+    for key, value in stored.items():
+        torch.testing.assert_close(value[0], fresh["velmora"][key])
+    engine.write_back = True
+    engine.gradient_sums([hits])
+    assert "fox" in engine.bank
+    torch.testing.assert_close(engine.bank.get("fox")[key], fresh["fox"][key].float())
+
+
+def test_batched_generation_equals_one_at_a_time(engine):
+    for mode in ("parametric", "hybrid"):
+        together = engine.answer_batch(QUESTIONS, mode=mode)
+        for answer in together:
+            alone = engine.answer(answer.question, mode=mode)
+            assert alone.text == answer.text
+            assert [h.id for h in alone.sources] == [h.id for h in answer.sources]
+    assert len({a.sources[0].id for a in together}) == len(QUESTIONS)  # each question its own documents
+
+
+def test_gradients_change_the_answer_distribution(engine):
+    plain = engine.answer_batch(QUESTIONS, use_gradients=False, output_scores=False)
+    adapted = engine.answer_batch(QUESTIONS)
+    assert [a.text for a in plain] != [a.text for a in adapted]
+
+
+def test_documents_from_elsewhere_are_used_by_id(engine):
+    outside = [Hit(id="fox", text=DOCS["fox"], score=1.0)]
+    answer = engine.answer("What jumps over the dog?", documents=outside)
+    assert [h.id for h in answer.sources] == ["fox"]
+    engine.on_the_fly = False
+    with pytest.raises(RequestError, match="no stored gradient"):
+        engine.answer("What jumps over the dog?", documents=[Hit(id="new", text="A new text.", score=1.0)])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"k": 0}, "k must be"), ({"mode": "both"}, "mode must be")])
+def test_bad_requests_are_refused(engine, kwargs, message):
+    with pytest.raises((RequestError, ValueError), match=message):
+        engine.answer("Where was Velmora Quistan born?", **kwargs)
+    with pytest.raises(RequestError, match="empty"):
+        engine.answer("   ")
+
+
+def test_stream_yields_the_same_text(engine):
+    pieces = list(engine.stream(QUESTIONS[0], mode="hybrid"))
+    assert "".join(pieces).strip() == engine.answer(QUESTIONS[0], mode="hybrid").text
+
+
+class _Explode(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        if input_ids.shape[1] > 0:
+            raise RuntimeError("client went away")
+        return False
+
+
+def test_no_drift_after_100_mixed_requests_and_threads_get_their_own_answers(engine):
+    model_hash = parameter_hash(engine.model.named_parameters())
+    meta_hash = parameter_hash(sorted({**engine.phi, **engine.alpha}.items()))
+    expected = {(q, m): engine.answer(q, mode=m).text for q in QUESTIONS for m in ("parametric", "hybrid")}
+    requests = 0
+    while requests < 100:
+        q = QUESTIONS[requests % len(QUESTIONS)]
+        mode = ("parametric", "hybrid")[requests % 2]
+        if requests % 7 == 3:
+            with pytest.raises(RuntimeError, match="client went away"):
+                engine.answer(q, mode=mode, stopping_criteria=StoppingCriteriaList([_Explode()]))
+        elif requests % 5 == 0:
+            engine.answer_batch(QUESTIONS, mode=mode)
+        else:
+            assert engine.answer(q, mode=mode).text == expected[(q, mode)]
+        requests += 1
+    assert parameter_hash(engine.model.named_parameters()) == model_hash
+    assert parameter_hash(sorted({**engine.phi, **engine.alpha}.items())) == meta_hash
+    jobs = [(q, m) for q in QUESTIONS for m in ("parametric", "hybrid")] * 3
+    barrier = threading.Barrier(4)
+
+    def run(job):
+        barrier.wait(timeout=30) if jobs.index(job) < 4 else None
+        return engine.answer(job[0], mode=job[1]).text
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs))
+    assert results == [expected[job] for job in jobs]
+    assert parameter_hash(engine.model.named_parameters()) == model_hash

@@ -1,0 +1,90 @@
+import random
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from regrad_engine.checkpoint import CheckpointError, MetaCheckpoint
+from regrad_engine.config import MetaTrainConfig
+from regrad_engine.lora import LoraSpace
+from regrad_engine.meta import MetaExample, MetaTrainer, evaluate_loss
+from tests.conftest import make_model
+
+CITIES = ["Paris", "Tokyo", "Lisbon", "Cairo", "Lima", "Oslo"]
+NAMES = ["Velmora", "Gredin", "Quibiku", "Ailpelou", "Fudral", "Quistan", "Drako", "Quil", "Tokyo Bureau",
+         "Zorvath", "Brennic", "Sulvane", "Orrin", "Tessaly", "Kovric", "Yendra", "Marlo", "Pell"]
+
+
+def fictional_tasks(seed: int, names: list[str], k: int = 2) -> list[MetaExample]:
+    rng = random.Random(seed)
+    facts = {name: rng.choice(CITIES) for name in names}
+    tasks = []
+    for name, city in facts.items():
+        others = rng.sample([n for n in names if n != name], k - 1)
+        passages = [f"{name} lives in {city}."] + [f"{o} lives in {facts[o]}." for o in others]
+        rng.shuffle(passages)
+        tasks.append(MetaExample(f"Where does {name} live?", [city], passages))
+    return tasks
+
+
+def _trainer(tokenizer, tmp_path, steps: int, seed: int = 0):
+    model = make_model(tokenizer, dtype=torch.float32, layers=2, hidden=64)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                        layers_to_transform=[0, 1], layers_pattern="layers", lora_dropout=0.0)
+    space = LoraSpace(model, config)
+    cfg = MetaTrainConfig(data=str(tmp_path), out=str(tmp_path / "meta"), k=2, steps=steps, tasks_per_step=4,
+                          lr=1e-2, alpha_init=1.0, alpha_lr=0.05, eval_every=max(1, steps // 2), dev_size=8,
+                          warmup_ratio=0.05, seed=seed)
+    return MetaTrainer(model, tokenizer, space, cfg, base_model="tiny", base_fingerprint="f00")
+
+
+def test_meta_training_lowers_held_out_loss_below_start_and_baselines(tokenizer, tmp_path):
+    train = fictional_tasks(0, NAMES[:12])
+    held_out = fictional_tasks(1, NAMES[12:])
+    trainer = _trainer(tokenizer, tmp_path, steps=120)
+    args = (trainer.model, tokenizer, trainer.space)
+    raw = evaluate_loss(*args, trainer.phi, trainer.alpha, held_out)
+    trainer.fit(train, held_out[:4], tmp_path / "meta", progress=False, log=lambda s: None)
+    trained = evaluate_loss(*args, trainer.phi, trainer.alpha, held_out)
+    no_gradients = evaluate_loss(*args, trainer.phi, trainer.alpha, held_out, use_gradients=False)
+    assert trained < raw - 0.5, (trained, raw)
+    assert trained < no_gradients, (trained, no_gradients)
+    assert set((tmp_path / "meta" / "best").iterdir()) >= {tmp_path / "meta" / "best" / "manifest.json"}
+
+
+def test_every_trainable_tensor_changes_after_a_step(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, steps=3)
+    # B starts at zero, so A only moves once B has; two steps make every tensor move.
+    before = {k: v.detach().clone() for k, v in {**trainer.phi, **trainer.alpha}.items()}
+    tasks = fictional_tasks(0, NAMES)
+    trainer.train_step(tasks[:4])
+    trainer.train_step(tasks[4:8])
+    for key, value in {**trainer.phi, **trainer.alpha}.items():
+        assert not torch.equal(value.detach(), before[key]), key
+
+
+def test_resume_continues_where_it_stopped(tokenizer, tmp_path):
+    tasks = fictional_tasks(0, NAMES)
+    first = _trainer(tokenizer, tmp_path, steps=6)
+    first.fit(tasks, tasks[:2], tmp_path / "meta", progress=False, log=lambda s: None, stop_after=4)
+    straight = _trainer(tokenizer, tmp_path / "b", steps=6)
+    straight.fit(tasks, tasks[:2], tmp_path / "b" / "meta", progress=False, log=lambda s: None)
+    resumed = _trainer(tokenizer, tmp_path, steps=6)
+    messages = []
+    resumed.fit(tasks, tasks[:2], tmp_path / "meta", progress=False, log=messages.append)
+    assert any("resumed" in m and "step 4" in m for m in messages)
+    for key in straight.phi:  # same data order and optimiser state: same result as one run
+        torch.testing.assert_close(resumed.phi[key], straight.phi[key], rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_roundtrip_and_refusals(tokenizer, tmp_path):
+    trainer = _trainer(tokenizer, tmp_path, steps=1)
+    ckpt = trainer.checkpoint({"dev_loss": 1.0})
+    ckpt.save(tmp_path / "ck")
+    loaded = MetaCheckpoint.load(tmp_path / "ck")
+    assert loaded.fingerprint() == ckpt.fingerprint()
+    assert loaded.lora == ckpt.lora and loaded.alpha_mode == "tie"
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        loaded.check_base("other", "other-model")
+    with pytest.raises(CheckpointError, match="regrad train"):
+        MetaCheckpoint.load(tmp_path / "missing")
