@@ -75,6 +75,116 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_build(args) -> int:
+    from regrad_engine.bank import GradientBank
+    from regrad_engine.chunking import chunk_documents, read_corpus
+    from regrad_engine.pipeline import build_store
+
+    if args.merge:
+        bank = GradientBank.merge(f"{args.store}/bank")
+        print(f"merged {len(bank)} gradients into {args.store}/bank")
+        return 0
+    if args.delete:
+        return _delete(args.store, args.delete)
+    if not args.corpus or not args.meta:
+        raise _usage("build needs --corpus FILE and --meta CHECKPOINT (or --merge)")
+    docs = read_corpus(args.corpus)
+    model = _load(args.model, args.device, args.dtype, args.threads)
+    chunks = chunk_documents(docs, model.tokenizer, max_tokens=args.chunk_tokens)
+    print(f"{len(docs)} documents -> {len(chunks)} chunks of <= {args.chunk_tokens} tokens", flush=True)
+    stats = build_store(args.store, chunks, model=model, meta_path=args.meta, doc_max_tokens=args.chunk_tokens,
+                        storage_dtype=args.storage_dtype, batch_size=args.batch_size, overwrite=args.update,
+                        worker=args.worker, num_workers=args.num_workers)
+    print(f"added {stats.added} gradients ({stats.ms_per_document:.0f} ms/document), "
+          f"{stats.skipped} already in the bank; store: {args.store}")
+    return 0
+
+
+def _delete(store: str, ids: list[str]) -> int:
+    from pathlib import Path
+
+    from regrad_engine.bank import GradientBank
+    from regrad_engine.retrieval import BM25Index
+
+    with GradientBank.open(Path(store) / "bank") as bank:
+        bank.delete(ids)  # unknown ids raise before anything is removed
+    index = BM25Index.open(Path(store) / "index")
+    index.delete(ids)
+    index.save()
+    print(f"deleted {len(ids)} documents from {store}")
+    return 0
+
+
+def _cmd_ask(args) -> int:
+
+    _check_request(args.questions, args.k)
+    engine = _open(args)
+    answers = engine.answer_batch(args.questions, mode=args.mode, k=args.k, gamma=args.gamma)
+    base = engine.generate(args.questions, None, None) if args.compare else [None] * len(answers)
+    for answer, plain in zip(answers, base):
+        print(f"Q: {answer.question}")
+        if plain is not None:
+            print(f"  base model : {plain}")
+        print(f"  ReGrad {answer.mode:10s}: {answer.text}")
+        for hit in answer.sources:
+            print(f"    [{hit.score:6.2f}] {hit.id}: {hit.text[:90]}")
+    return 0
+
+
+def _open(args):
+    import torch
+
+    from regrad_engine.pipeline import open_engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args.model, args.device, args.dtype, args.threads) if args.model else None
+    return open_engine(args.store, model=model, device=args.device, dtype=getattr(torch, args.dtype), meta=args.meta)
+
+
+def _check_request(questions, k) -> None:
+    from regrad_engine.errors import RequestError
+
+    if not questions or any(not q.strip() for q in questions):
+        raise RequestError("the question is empty: pass a question, e.g. regrad ask --store DIR \"Who ...?\"")
+    if k is not None and k <= 0:
+        raise RequestError(f"--k must be >= 1, got {k}")
+
+
+def _usage(message: str):
+    from regrad_engine.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _cmd_eval(args) -> int:
+    from regrad_engine.checkpoint import MetaCheckpoint
+    from regrad_engine.evaluation import SYSTEMS, evaluate_systems, markdown_table
+
+    _check_request(["x"], args.k)
+    meta = MetaCheckpoint.load(args.meta)
+    model = _load(args.model, args.device, args.dtype, args.threads)
+    systems = args.systems.split(",") if args.systems else SYSTEMS
+    scores, predictions = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit,
+                                           seed=args.seed, systems=systems)
+    table = markdown_table(scores)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps({"meta": args.meta, "split": args.split, "k": args.k,
+                                              "scores": {n: s.as_dict() for n, s in scores.items()},
+                                              "predictions": predictions}, indent=1))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from regrad_engine.demo import run_demo
+
+    return run_demo(meta=args.meta, workdir=args.workdir, questions=args.questions, k=args.k,
+                    threads=args.threads)
+
+
 def _lora_config(model, settings):
     from regrad_engine.lora import default_lora_config
 
@@ -128,6 +238,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _add_model_args(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("build", help="stage 2: index a corpus and store its document gradients")
+    p.add_argument("--corpus", help="corpus: .jsonl/.json (id, text[, title]), .txt, or a directory")
+    p.add_argument("--meta", help="meta checkpoint directory (from `regrad train`)")
+    p.add_argument("--store", required=True, help="store directory (bank + index)")
+    p.add_argument("--chunk-tokens", dest="chunk_tokens", type=int, default=200, help="max tokens per chunk")
+    p.add_argument("--storage-dtype", dest="storage_dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="documents per backward pass")
+    p.add_argument("--update", action="store_true", help="recompute gradients of documents already in the bank")
+    p.add_argument("--worker", type=int, default=0, help="this worker's index (distributed builds)")
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=1, help="number of build workers")
+    p.add_argument("--merge", action="store_true", help="merge the workers' shards into the bank")
+    p.add_argument("--delete", nargs="+", metavar="ID", help="remove these document ids from the store")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("ask", help="stage 3: answer questions with retrieved gradients")
+    p.add_argument("questions", nargs="+", help="one or more questions")
+    p.add_argument("--store", required=True, help="store directory from `regrad build`")
+    p.add_argument("--meta", help="meta checkpoint (default: the one the store was built with)")
+    p.add_argument("--mode", default="parametric", choices=["parametric", "hybrid"])
+    p.add_argument("--k", type=int, default=3, help="documents per question")
+    p.add_argument("--gamma", type=float, default=1.0, help="test-time step scale")
+    p.add_argument("--compare", action="store_true", help="also print the base model's answer")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("eval", help="score direct / RAG / ReGrad and the ablations on a QA split")
+    p.add_argument("--data", required=True, help="data directory (corpus.jsonl + split files)")
+    p.add_argument("--meta", required=True, help="meta checkpoint directory")
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--limit", type=int, default=None, help="first N questions only")
+    p.add_argument("--systems", default=None, help="comma-separated subset of systems")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write scores and predictions as JSON")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="build a bank over a small corpus and answer questions side by side")
+    p.add_argument("--meta", default=None, help="meta checkpoint (default: the shipped SmolLM2 synthetic one)")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo store is written")
+    p.add_argument("--questions", type=int, default=6, help="how many held-out questions to ask")
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -60,8 +60,9 @@ def eval_items(directory: str | Path, split: str, *, k: int = 3, seed: int = 0,
                limit: int | None = None) -> list[EvalItem]:
     """Questions of a split with k document ids each: the gold one among k-1 distractors
     drawn from the same split's gold documents, in a seeded random order."""
-    rows = read_jsonl(Path(directory) / f"{split}.jsonl")[:limit]
-    pool = sorted({str(r["doc_id"]) for r in rows if "doc_id" in r})
+    all_rows = read_jsonl(Path(directory) / f"{split}.jsonl")
+    rows = all_rows[:limit]
+    pool = sorted({str(r["doc_id"]) for r in all_rows if "doc_id" in r})
     rng = random.Random(seed)
     items = []
     for i, row in enumerate(rows):

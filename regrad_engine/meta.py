@@ -95,7 +95,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 class MetaTrainer:
-    """Runs meta-training; writes ``out/last`` every evaluation and ``out/best`` on dev improvement.
+    """Runs meta-training; every evaluation writes ``out/last`` (with optimiser state) and
+    ``out/steps/step-NNNNNN``, and ``out/best`` on dev improvement.
 
     Args:
         model: Frozen base model (eager attention on CPU: SDPA has no double backward there).
@@ -232,6 +233,7 @@ class MetaTrainer:
                 recent = []
                 self.history.append(record)
                 log(json.dumps(record))
+                self.checkpoint({"dev_loss": dev_loss}).save(out / "steps" / f"step-{self.step:06d}")
                 if dev_loss < self.best:
                     self.best = dev_loss
                     self.checkpoint({"dev_loss": dev_loss}).save(out / "best")

@@ -1,0 +1,68 @@
+"""The CLI end to end on a tiny model saved to disk, and the errors a user sees."""
+
+import json
+
+import pytest
+import torch
+
+from regrad_engine.cli import main
+from tests.conftest import make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = make_tokenizer()
+    for name, seed in (("tiny", 0), ("other", 1)):
+        model = make_model(tokenizer, dtype=torch.float32, seed=seed)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    tiny = ["--model", str(root / "tiny"), "--threads", "1"]
+    assert main(["synth", "--out", str(root / "data"), "--entities", "30"]) == 0
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "meta"), "--steps", "2",
+                 "--layers", "1", "--rank", "4", "--dev-size", "2", "--eval-every", "1", *tiny]) == 0
+    assert main(["build", "--corpus", str(root / "data" / "corpus.jsonl"), "--meta", str(root / "meta" / "best"),
+                 "--store", str(root / "store"), *tiny]) == 0
+    return root, tiny
+
+
+def test_ask_answers_with_sources(workspace, capsys):
+    root, tiny = workspace
+    first = json.loads((root / "data" / "test.jsonl").read_text().splitlines()[0])
+    assert main(["ask", "--store", str(root / "store"), "--compare", "--mode", "hybrid", first["question"], *tiny]) == 0
+    out = capsys.readouterr().out
+    assert "Q: " + first["question"] in out and "base model" in out and "ReGrad hybrid" in out
+    assert first["doc_id"] in out  # BM25 finds the entity's own document
+
+
+def test_build_again_reuses_every_gradient(workspace, capsys):
+    root, tiny = workspace
+    assert main(["build", "--corpus", str(root / "data" / "corpus.jsonl"), "--meta", str(root / "meta" / "best"),
+                 "--store", str(root / "store"), *tiny]) == 0
+    assert "added 0 gradients" in capsys.readouterr().out
+
+
+def test_eval_prints_the_table(workspace, capsys):
+    root, tiny = workspace
+    assert main(["eval", "--data", str(root / "data"), "--meta", str(root / "meta" / "best"), "--limit", "4",
+                 "--systems", "direct,regrad", "--out", str(root / "eval.json"), *tiny]) == 0
+    assert "| ReGrad parametric |" in capsys.readouterr().out
+    assert set(json.loads((root / "eval.json").read_text())["scores"]) == {"direct", "regrad"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "--store", "{root}/nowhere", "Who?"], "no regrad store"),
+    (["ask", "--store", "{root}/store", "  "], "question is empty"),
+    (["ask", "--store", "{root}/store", "--k", "0", "Who?"], "must be >= 1"),
+    (["ask", "--store", "{root}/store", "--model", "{root}/other", "Who?"], "fingerprint"),
+    (["build", "--corpus", "{root}/missing.jsonl", "--meta", "{root}/meta/best", "--store", "{root}/s2"], "missing.jsonl"),
+    (["build", "--store", "{root}/store", "--delete", "no-such-doc"], "no-such-doc"),
+    (["train", "--data", "{root}/data", "--out", "{root}/m2", "--steps", "0"], "steps"),
+])
+def test_user_mistakes_get_a_message_not_a_traceback(workspace, capsys, argv, message):
+    root, tiny = workspace
+    argv = [a.format(root=root) for a in argv]
+    extra = [] if "--model" in argv else tiny
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
