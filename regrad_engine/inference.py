@@ -20,7 +20,7 @@ from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.errors import RequestError
 from regrad_engine.gradients import document_gradients
 from regrad_engine.lora import LoraSpace, Phi, apply_update
-from regrad_engine.prompts import check_mode, encode_documents, encode_prompts, pad_id
+from regrad_engine.prompts import check_mode, encode_documents, encode_messages, pad_id, user_message
 from regrad_engine.retrieval import Hit, Retriever
 
 
@@ -128,10 +128,15 @@ class ReGrad:
 
     # ------------------------------------------------------------ generation
     def generate(self, questions: Sequence[str], passages: Sequence[Sequence[str] | None] | None,
-                 factors: Mapping[str, Tensor] | None, *, max_new_tokens: int | None = None,
-                 **generate_kwargs) -> list[str]:
+                 factors: Mapping[str, Tensor] | None, **generate_kwargs) -> list[str]:
         """Greedy, left-padded batched generation with per-sample factors (or none)."""
-        batch = {k: v.to(self.device) for k, v in encode_prompts(self.tokenizer, questions, passages).items()}
+        messages = [user_message(q, passages[i] if passages else None) for i, q in enumerate(questions)]
+        return self.generate_messages(messages, factors, **generate_kwargs)
+
+    def generate_messages(self, messages: Sequence[str], factors: Mapping[str, Tensor] | None, *,
+                          max_new_tokens: int | None = None, **generate_kwargs) -> list[str]:
+        """Generate from ready user messages (wrapped in the chat template), batched."""
+        batch = {k: v.to(self.device) for k, v in encode_messages(self.tokenizer, messages).items()}
         with self.space.activate(factors), torch.no_grad():
             output = self.model.generate(**batch, max_new_tokens=max_new_tokens or self.max_new_tokens,
                                          do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -184,6 +189,25 @@ class ReGrad:
             answers += [Answer(q, t, mode, d, gamma) for q, t, d in zip(qs, texts, docs)]
         return answers
 
+    def complete_batch(self, messages: Sequence[str], documents: Sequence[Sequence[Hit]], *,
+                       gamma: float | None = None, use_gradients: bool = True,
+                       **generate_kwargs) -> list[str]:
+        """Generate from ready user messages (e.g. a framework's rendered prompt), each with
+        the gradients of its own documents; the passages are only in the prompt if the
+        caller put them there. Used by the LangChain / LlamaIndex adapters."""
+        gamma = self.gamma if gamma is None else gamma
+        if len(documents) != len(messages):
+            raise RequestError(f"got {len(documents)} document lists for {len(messages)} prompts")
+        for message in messages:
+            if not isinstance(message, str) or not message.strip():
+                raise RequestError("the prompt is empty")
+        texts: list[str] = []
+        for start in range(0, len(messages), self.batch_size):
+            docs = [list(d) for d in documents[start:start + self.batch_size]]
+            factors = self.adapted_factors(docs, gamma) if use_gradients else None
+            texts += self.generate_messages(messages[start:start + self.batch_size], factors, **generate_kwargs)
+        return texts
+
     def answer(self, question: str, **kwargs) -> Answer:
         """Answer one question (see :meth:`answer_batch` for the arguments)."""
         documents = kwargs.pop("documents", None)
@@ -192,25 +216,30 @@ class ReGrad:
     def stream(self, question: str, *, mode: str | None = None, k: int | None = None, gamma: float | None = None,
                documents: Sequence[Hit] | None = None, **generate_kwargs) -> Iterator[str]:
         """Yield answer text pieces as they are generated (one request)."""
-        from transformers import TextIteratorStreamer
-
         mode, k = mode or self.mode, self.k if k is None else k
-        gamma = self.gamma if gamma is None else gamma
         self._check([question], mode, k)
         docs = list(documents) if documents is not None else self.retrieve([question], k)[0]
-        factors = self.adapted_factors([docs], gamma)
-        passages = [[h.text for h in docs]] if mode == "hybrid" else None
+        message = user_message(question, [h.text for h in docs] if mode == "hybrid" else None)
+        yield from self.stream_message(message, docs, gamma=gamma, **generate_kwargs)
+
+    def stream_message(self, message: str, documents: Sequence[Hit], *, gamma: float | None = None,
+                       **generate_kwargs) -> Iterator[str]:
+        """Stream the answer to a ready user message with its documents' gradients applied."""
+        from transformers import TextIteratorStreamer
+
+        gamma = self.gamma if gamma is None else gamma
+        factors = self.adapted_factors([list(documents)], gamma)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.generate([question], passages, factors, streamer=streamer, **generate_kwargs)
+                self.generate_messages([message], factors, streamer=streamer, **generate_kwargs)
             except BaseException as err:  # surfaced in the caller's thread below
                 errors.append(err)
                 streamer.end()
 
-        # The worker thread inherits this context (and so the per-request factors' ContextVar).
+        # The worker thread runs in a copy of this context (per-request state stays isolated).
         thread = threading.Thread(target=copy_context().run, args=(run,), daemon=True)
         thread.start()
         yield from streamer

@@ -39,10 +39,15 @@ def user_message(question: str, passages: Sequence[str] | None = None) -> str:
 
 def chat_prompt(tokenizer, question: str, passages: Sequence[str] | None = None) -> str:
     """Prompt text ending where the assistant's answer starts."""
+    return message_prompt(tokenizer, user_message(question, passages))
+
+
+def message_prompt(tokenizer, message: str) -> str:
+    """A user message (e.g. a framework's rendered prompt) wrapped in the model's chat template."""
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template: use an instruction-tuned model "
                          "or set tokenizer.chat_template")
-    messages = [{"role": "user", "content": user_message(question, passages)}]
+    messages = [{"role": "user", "content": message}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -114,6 +119,11 @@ def encode_qa_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],
 def encode_prompts(tokenizer, questions: Sequence[str],
                    passages: Sequence[Sequence[str] | None] | None = None) -> dict[str, Tensor]:
     """Left-padded generation prompts (batched generation needs left padding)."""
-    seqs = [tokenizer(chat_prompt(tokenizer, q, passages[i] if passages else None),
-                      add_special_tokens=False)["input_ids"] for i, q in enumerate(questions)]
+    return encode_messages(tokenizer, [user_message(q, passages[i] if passages else None)
+                                       for i, q in enumerate(questions)])
+
+
+def encode_messages(tokenizer, messages: Sequence[str]) -> dict[str, Tensor]:
+    """Left-padded generation prompts from ready user messages."""
+    seqs = [tokenizer(message_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in messages]
     return pad_batch(seqs, None, pad_id(tokenizer), left=True)
