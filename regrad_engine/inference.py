@@ -78,6 +78,8 @@ class ReGrad:
 
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
+        """Top-k hits per question from the configured retriever."""
+        self.check_request(questions, self.mode, k)
         if self.retriever is None:
             raise RequestError("no retriever configured: pass documents=... or build an index")
         return self.retriever.retrieve_batch(list(questions), k)
@@ -145,8 +147,10 @@ class ReGrad:
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def _check(self, questions: Sequence[str], mode: str, k: int) -> None:
-        check_mode(mode)
+    def check_request(self, questions: Sequence[str], mode: str, k: int) -> None:
+        """Raise RequestError for an empty question, k <= 0 or an unknown mode."""
+        if mode not in ("parametric", "hybrid"):
+            raise RequestError(f"mode must be 'parametric' or 'hybrid', got {mode!r}")
         if k <= 0:
             raise RequestError(f"k must be >= 1, got {k}")
         for question in questions:
@@ -174,7 +178,7 @@ class ReGrad:
         """
         mode, k = mode or self.mode, self.k if k is None else k
         gamma = self.gamma if gamma is None else gamma
-        self._check(questions, mode, k)
+        self.check_request(questions, mode, k)
         if documents is None:
             documents = self.retrieve(questions, k)
         elif len(documents) != len(questions):
@@ -217,7 +221,7 @@ class ReGrad:
                documents: Sequence[Hit] | None = None, **generate_kwargs) -> Iterator[str]:
         """Yield answer text pieces as they are generated (one request)."""
         mode, k = mode or self.mode, self.k if k is None else k
-        self._check([question], mode, k)
+        self.check_request([question], mode, k)
         docs = list(documents) if documents is not None else self.retrieve([question], k)[0]
         message = user_message(question, [h.text for h in docs] if mode == "hybrid" else None)
         yield from self.stream_message(message, docs, gamma=gamma, **generate_kwargs)
@@ -228,6 +232,8 @@ class ReGrad:
         from transformers import TextIteratorStreamer
 
         gamma = self.gamma if gamma is None else gamma
+        if not isinstance(message, str) or not message.strip():
+            raise RequestError("the prompt is empty")
         factors = self.adapted_factors([list(documents)], gamma)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
