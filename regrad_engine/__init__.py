@@ -5,6 +5,7 @@ from regrad_engine.bank import BankError, BankMismatchError, GradientBank, Unkno
 from regrad_engine.checkpoint import CheckpointError, MetaCheckpoint
 from regrad_engine.chunking import Chunk, CorpusError, chunk_documents, read_corpus
 from regrad_engine.config import ConfigError, MetaTrainConfig
+from regrad_engine.elastic import ElasticsearchIndex
 from regrad_engine.errors import RequestError
 from regrad_engine.gradients import document_gradients
 from regrad_engine.inference import Answer, ReGrad
@@ -24,6 +25,7 @@ __all__ = [
     "Chunk",
     "ConfigError",
     "CorpusError",
+    "ElasticsearchIndex",
     "GradientBank",
     "Hit",
     "LoadedModel",

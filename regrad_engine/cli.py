@@ -3,6 +3,7 @@
     regrad synth  --out data/synth                      # seeded synthetic QA corpus
     regrad train  --data data/synth --out runs/meta     # stage 1: meta-learning
     regrad build  --corpus docs.jsonl --meta runs/meta/best --bank runs/bank
+    regrad build  --elasticsearch URL --index docs --meta runs/meta/best --store runs/es  # an existing index
     regrad ask    --bank runs/bank "Where was X born?"
     regrad eval   --data data/synth --meta runs/meta/best
     regrad demo                                         # everything, on the embedded model
@@ -86,29 +87,62 @@ def _cmd_build(args) -> int:
         return 0
     if args.delete:
         return _delete(args.store, args.delete)
-    if not args.corpus or not args.meta:
-        raise _usage("build needs --corpus FILE and --meta CHECKPOINT (or --merge)")
-    docs = read_corpus(args.corpus)
-    model = _load(args.model, args.device, args.dtype, args.threads)
-    chunks = chunk_documents(docs, model.tokenizer, max_tokens=args.chunk_tokens)
-    print(f"{len(docs)} documents -> {len(chunks)} chunks of <= {args.chunk_tokens} tokens", flush=True)
+    if not args.meta or not (args.corpus or args.elasticsearch is not None):
+        raise _usage("build needs --corpus FILE (or --elasticsearch URL --index NAME) and --meta CHECKPOINT "
+                     "(or --merge)")
+    es = _elasticsearch_index(args)  # connect before loading the model, so a bad URL fails fast
+    if args.corpus:
+        docs = read_corpus(args.corpus)
+        model = _load(args.model, args.device, args.dtype, args.threads)
+        chunks = chunk_documents(docs, model.tokenizer, max_tokens=args.chunk_tokens)
+        print(f"{len(docs)} documents -> {len(chunks)} chunks of <= {args.chunk_tokens} tokens", flush=True)
+    else:
+        from regrad_engine.elastic import index_chunks
+
+        chunks = index_chunks(es)
+        if not chunks:
+            raise _usage(f"Elasticsearch index {es.index} at {es.url} has no documents with text in "
+                         f"field {es.content_field!r}: pass --content-field or --corpus")
+        model = _load(args.model, args.device, args.dtype, args.threads)
+        print(f"{len(chunks)} documents read from Elasticsearch index {es.index} at {es.url}; each is one chunk "
+              f"(text past {args.chunk_tokens} tokens is not learned)", flush=True)
     stats = build_store(args.store, chunks, model=model, meta_path=args.meta, doc_max_tokens=args.chunk_tokens,
                         storage_dtype=args.storage_dtype, batch_size=args.batch_size, overwrite=args.update,
-                        worker=args.worker, num_workers=args.num_workers)
+                        worker=args.worker, num_workers=args.num_workers, index=es,
+                        reuse_index=es is not None and (args.reuse_index or not args.corpus))
     print(f"added {stats.added} gradients ({stats.ms_per_document:.0f} ms/document), "
           f"{stats.skipped} already in the bank; store: {args.store}")
     return 0
+
+
+def _elasticsearch_index(args):
+    """The ElasticsearchIndex the build flags name, or None without --elasticsearch."""
+    es_only = {"--index": args.index, "--content-field": args.content_field, "--title-field": args.title_field,
+               "--id-field": args.id_field, "--search-fields": args.search_fields, "--reuse-index": args.reuse_index}
+    if args.elasticsearch is None:
+        given = [flag for flag, value in es_only.items() if value]
+        if given:
+            raise _usage(f"{', '.join(given)} need --elasticsearch URL")
+        return None
+    from regrad_engine.elastic import ElasticsearchIndex
+
+    fields = {"content_field": args.content_field or "text", "title_field": args.title_field or "title",
+              "id_field": args.id_field, "search_fields": args.search_fields}
+    url, name = args.elasticsearch or None, args.index or "regrad"  # bare --elasticsearch: $ELASTICSEARCH_URL
+    if args.reuse_index or not args.corpus:
+        return ElasticsearchIndex.open(url, name, **fields)
+    return ElasticsearchIndex.create(url, name, exist_ok=True, **fields)
 
 
 def _delete(store: str, ids: list[str]) -> int:
     from pathlib import Path
 
     from regrad_engine.bank import GradientBank
-    from regrad_engine.retrieval import BM25Index
+    from regrad_engine.pipeline import open_store_index
 
+    index = open_store_index(store)  # before the bank changes: a server that is down fails here
     with GradientBank.open(Path(store) / "bank") as bank:
         bank.delete(ids)  # unknown ids raise before anything is removed
-    index = BM25Index.open(Path(store) / "index")
     index.delete(ids)
     index.save()
     print(f"deleted {len(ids)} documents from {store}")
@@ -251,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", dest="num_workers", type=int, default=1, help="number of build workers")
     p.add_argument("--merge", action="store_true", help="merge the workers' shards into the bank")
     p.add_argument("--delete", nargs="+", metavar="ID", help="remove these document ids from the store")
+    es = p.add_argument_group("Elasticsearch instead of the embedded BM25 index (credentials: ELASTICSEARCH_API_KEY, "
+                              "or ELASTICSEARCH_USERNAME and ELASTICSEARCH_PASSWORD)")
+    es.add_argument("--elasticsearch", nargs="?", const="", default=None, metavar="URL",
+                    help="server URL; bare --elasticsearch uses $ELASTICSEARCH_URL")
+    es.add_argument("--index", default=None, help="index name (default: regrad)")
+    es.add_argument("--content-field", dest="content_field", default=None, help="field with the text (default: text)")
+    es.add_argument("--title-field", dest="title_field", default=None, help="field with the title (default: title)")
+    es.add_argument("--id-field", dest="id_field", default=None, help="field with the document id (default: _id)")
+    es.add_argument("--search-fields", dest="search_fields", default=None, metavar="A,B",
+                    type=lambda s: [f.strip() for f in s.split(",") if f.strip()],
+                    help="fields the query matches, boosts allowed: title^2,text (default: title,text)")
+    es.add_argument("--reuse-index", dest="reuse_index", action="store_true",
+                    help="the index already holds the chunks (e.g. written by langchain-elasticsearch): do not "
+                         "write to it; without --corpus every document of the index is used")
     _add_model_args(p)
     p.set_defaults(func=_cmd_build)
 

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,7 @@ class BM25Index:
             meta["stemmer"] = None  # re-index without stemming so queries and index match
         self._bm25: bm25s.BM25 | None = None
         self._order: list[str] = []
+        self._rebuild_lock = threading.Lock()
         self._dirty = store_hash != meta["store_sha256"] or stemmer_lost  # disk differs from what save() writes
         self._stale = self._dirty  # the BM25 matrix does not reflect self._docs
         if not self._stale and meta["has_index"]:
@@ -326,18 +328,26 @@ class BM25Index:
                               return_ids=return_ids, show_progress=False)
 
     def _ensure_index(self) -> None:
-        """Rebuild the BM25 matrix from the doc store if documents changed."""
+        """Rebuild the BM25 matrix from the doc store if documents changed.
+
+        Built into locals and published under a lock, so concurrent first queries never
+        see a half-built index.
+        """
         if not self._stale:
             return
-        self._order = list(self._docs)
-        self._bm25 = None
-        if self._order:
-            tokenized = self._tokenize([self._docs[i][0] for i in self._order])
-            if any(tokenized.ids):  # bm25s cannot index a corpus without a single token
-                self._bm25 = bm25s.BM25()
-                self._bm25.index(tokenized, show_progress=False)
-        self._stale = False
-        self._dirty = True
+        with self._rebuild_lock:
+            if not self._stale:
+                return
+            order = list(self._docs)
+            bm25 = None
+            if order:
+                tokenized = self._tokenize([self._docs[i][0] for i in order])
+                if any(tokenized.ids):  # bm25s cannot index a corpus without a single token
+                    bm25 = bm25s.BM25()
+                    bm25.index(tokenized, show_progress=False)
+            self._order, self._bm25 = order, bm25
+            self._stale = False
+            self._dirty = True
 
     @staticmethod
     def _check(queries: list[str], k: int) -> None:
