@@ -62,7 +62,8 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     predictions: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         engines = {}
-        for name, ckpt in (("meta", meta), ("raw", raw)):
+        needed_engines = [("meta", meta)] + ([("raw", raw)] if "raw_gradients" in systems else [])
+        for name, ckpt in needed_engines:
             bank = GradientBank.create(Path(tmp) / name, binding={"eval": name}, shapes=space.shapes, storage_dtype="fp32")
             log(f"computing {len(chunks)} document gradients at the {name} LoRA")
             add_gradients(model.model, model.tokenizer, space, ckpt.phi, chunks, bank, progress=progress)
