@@ -69,9 +69,11 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     model = load_model(device=device, dtype=getattr(torch, args.dtype))
-    paragraphs, questions = squad_passages_and_questions(64)
-    docs = [{"id": f"p{i}", "text": t} for i, t in enumerate(paragraphs)]
-    chunks = [c for c in chunk_documents(docs, model.tokenizer, max_tokens=200) if c.index == 0][:48]
+    paragraphs, questions = squad_passages_and_questions(200)
+    # Consecutive paragraphs joined and cut into 200-token chunks; keep only full-size ones.
+    docs = [{"id": f"p{i}", "text": " ".join(paragraphs[i:i + 3])} for i in range(0, len(paragraphs), 3)]
+    chunks = [c for c in chunk_documents(docs, model.tokenizer, max_tokens=200)
+              if len(model.tokenizer(c.text)["input_ids"]) >= 180][:48]
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         stats = build_store(Path(tmp) / "store", chunks, model=model, meta_path=args.meta, progress=False)
@@ -79,9 +81,7 @@ def main(argv=None) -> int:
         tokens = [len(model.tokenizer(c.text)["input_ids"]) for c in chunks]
         gen = {"min_new_tokens": args.new_tokens}
         q = questions[0]
-        docs3 = engine.retrieve([q], 3)[0]
-        while len(docs3) < 3:
-            docs3.append(engine.retriever.get(chunks[len(docs3)].id))
+        docs3 = [engine.retriever.get(c.id) for c in chunks[:3]]  # three full 200-token passages
         passages = [h.text for h in docs3]
 
         direct = timed(lambda: engine.generate([q], None, None, **gen), args.repeats, device)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         rows += [
             ("direct generation (question only)", f"{1000 * direct:.0f} ms"),
             ("ReGrad cached gradients, k=3 (retrieve + fetch + apply + generate)", f"{1000 * cached:.0f} ms  ({cached / direct:.2f}x direct, {cached / rag:.2f}x RAG)"),
-            ("RAG, 3 passages in the prompt", f"{1000 * rag:.0f} ms  (prompt passages {sum(tokens[:3]) // 3} tokens avg of first 3 chunks)"),
+            ("RAG, 3 passages in the prompt", f"{1000 * rag:.0f} ms  (passages of {', '.join(str(t) for t in tokens[:3])} tokens)"),
             ("ReGrad hybrid (gradients + passages)", f"{1000 * hybrid:.0f} ms"),
             ("ReGrad computing the 3 gradients on the fly", f"{1000 * on_the_fly:.0f} ms  ({on_the_fly / direct:.2f}x direct)"),
             ("fetch 3 gradients from the bank + apply", f"{1000 * fetch_apply:.1f} ms"),
