@@ -86,3 +86,37 @@ def random_phi(space, seed: int = 1, dtype=torch.float64):
     """Factors with non-zero B, so gradients flow into A as well."""
     gen = torch.Generator().manual_seed(seed)
     return {k: (torch.randn(s, generator=gen) * 0.1).to(dtype) for k, s in space.shapes.items()}
+
+
+DOCS = {
+    "velmora": "Velmora Quistan is a dentist who was born in Lisbon. She plays the violin.",
+    "fudral": "The Fudral Bureau is based in Tokyo and sells most of its products in Sweden.",
+    "ailpelou": "Ailpelou lies on the Yangtze river. It has handball as its most popular sport.",
+    "gredin": "Gredin Quibiku was born in Toronto and speaks Japanese at home.",
+    "fox": "The quick brown fox jumps over the lazy dog again and again.",
+}
+IN_BANK = ["velmora", "fudral", "ailpelou", "gredin"]  # "fox" has no stored gradient
+
+
+def make_engine(tokenizer, root, model=None):
+    """A tiny ReGrad engine over DOCS: sdpa float64 (batched == one at a time exactly),
+    random meta factors, BM25 index of all DOCS, an fp32 bank of all but "fox"."""
+    from regrad_engine.bank import GradientBank
+    from regrad_engine.checkpoint import MetaCheckpoint
+    from regrad_engine.chunking import Chunk
+    from regrad_engine.inference import ReGrad
+    from regrad_engine.lora import init_step_sizes
+    from regrad_engine.pipeline import add_gradients
+    from regrad_engine.retrieval import BM25Index
+
+    model = model if model is not None else make_model(tokenizer, attn="sdpa")
+    space = make_space(model)
+    phi = random_phi(space)
+    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 2.0), alpha_mode="tie", lora=space.spec(),
+                          base_model="tiny", base_fingerprint="f00")
+    chunks = [Chunk(id=i, text=t, source_id=i, index=0, metadata={"title": i}) for i, t in DOCS.items()]
+    index = BM25Index.create(root / "index")
+    index.add(chunks)
+    bank = GradientBank.create(root / "bank", binding={"m": "tiny"}, shapes=space.shapes, storage_dtype="fp32")
+    add_gradients(model, tokenizer, space, phi, [c for c in chunks if c.id in IN_BANK], bank, progress=False)
+    return ReGrad(model, tokenizer, space, meta, retriever=index, bank=bank, k=2, max_new_tokens=6)

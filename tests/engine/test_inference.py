@@ -5,40 +5,18 @@ import pytest
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from regrad_engine.bank import GradientBank
-from regrad_engine.checkpoint import MetaCheckpoint
-from regrad_engine.chunking import Chunk
 from regrad_engine.errors import RequestError
-from regrad_engine.inference import ReGrad
-from regrad_engine.lora import init_step_sizes
 from regrad_engine.models import parameter_hash
-from regrad_engine.pipeline import add_gradients
-from regrad_engine.retrieval import BM25Index, Hit
-from tests.conftest import make_space, random_phi
+from regrad_engine.retrieval import Hit
+from tests.conftest import DOCS, make_engine
 
-DOCS = {
-    "velmora": "Velmora Quistan is a dentist who was born in Lisbon. She plays the violin.",
-    "fudral": "The Fudral Bureau is based in Tokyo and sells most of its products in Sweden.",
-    "ailpelou": "Ailpelou lies on the Yangtze river. It has handball as its most popular sport.",
-    "gredin": "Gredin Quibiku was born in Toronto and speaks Japanese at home.",
-    "fox": "The quick brown fox jumps over the lazy dog again and again.",
-}
 QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
              "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
 
 
 @pytest.fixture()
 def engine(sdpa_model, tokenizer, tmp_path):
-    tiny_model, space = sdpa_model, make_space(sdpa_model)
-    phi = random_phi(space)
-    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 2.0), alpha_mode="tie", lora=space.spec(),
-                          base_model="tiny", base_fingerprint="f00")
-    chunks = [Chunk(id=i, text=t, source_id=i, index=0) for i, t in DOCS.items()]
-    index = BM25Index.create(tmp_path / "index")
-    index.add(chunks)
-    bank = GradientBank.create(tmp_path / "bank", binding={"m": "tiny"}, shapes=space.shapes, storage_dtype="fp32")
-    add_gradients(tiny_model, tokenizer, space, phi, chunks[:4], bank, progress=False)  # "fox" stays out
-    return ReGrad(tiny_model, tokenizer, space, meta, retriever=index, bank=bank, k=2, max_new_tokens=6)
+    return make_engine(tokenizer, tmp_path, model=sdpa_model)
 
 
 def test_stored_gradients_equal_on_the_fly_and_write_back(engine):

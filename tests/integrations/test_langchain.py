@@ -20,7 +20,6 @@ from regrad_engine.errors import RequestError  # noqa: E402
 from regrad_engine.retrieval import Hit  # noqa: E402
 from regrad_integrations._registry import DocumentRegistry, registry_for  # noqa: E402
 from regrad_integrations.langchain import (  # noqa: E402
-    ReGradLLM,
     ReGradRetriever,
     _stream_text,
     regrad_langchain,
@@ -89,7 +88,9 @@ def test_the_usual_chain_runs_every_way_with_the_same_answers(pair, template):
     async def run_async():
         together = await chain.abatch(QUESTIONS)
         alone = [await chain.ainvoke(q) for q in QUESTIONS]
-        streamed = [[piece async for piece in chain.astream(q)] for q in QUESTIONS]
+        streamed = []
+        for q in QUESTIONS:
+            streamed.append([piece async for piece in chain.astream(q)])
         return together, alone, streamed
 
     together, alone, astreamed = asyncio.run(run_async())

@@ -11,28 +11,15 @@ from llama_index.core.base.response.schema import Response, StreamingResponse  #
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.schema import NodeWithScore, TextNode  # noqa: E402
 
-from regrad_engine.bank import GradientBank  # noqa: E402
-from regrad_engine.checkpoint import MetaCheckpoint  # noqa: E402
-from regrad_engine.chunking import Chunk  # noqa: E402
 from regrad_engine.errors import RequestError  # noqa: E402
-from regrad_engine.inference import ReGrad  # noqa: E402
-from regrad_engine.lora import init_step_sizes  # noqa: E402
-from regrad_engine.pipeline import add_gradients  # noqa: E402
-from regrad_engine.retrieval import BM25Index, Hit  # noqa: E402
+from regrad_engine.retrieval import Hit  # noqa: E402
 from regrad_integrations.llama_index import ReGradLLM, ReGradQueryEngine, ReGradRetriever  # noqa: E402
-from tests.conftest import make_model, make_space, make_tokenizer, random_phi  # noqa: E402
+from tests.conftest import DOCS, make_engine, make_tokenizer  # noqa: E402
 from tests.integrations.snippets.llama_index_rag import (  # noqa: E402
     build_pipeline_query_engine,
     build_query_engine,
 )
 
-DOCS = {
-    "velmora": "Velmora Quistan is a dentist who was born in Lisbon. She plays the violin.",
-    "fudral": "The Fudral Bureau is based in Tokyo and sells most of its products in Sweden.",
-    "ailpelou": "Ailpelou lies on the Yangtze river. It has handball as its most popular sport.",
-    "gredin": "Gredin Quibiku was born in Toronto and speaks Japanese at home.",
-    "fox": "The quick brown fox jumps over the lazy dog again and again.",
-}
 QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
              "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?",
              "What does Velmora Quistan play?", "Where does the Fudral Bureau sell?",
@@ -42,20 +29,8 @@ MODES = ("parametric", "hybrid")
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """The engine fixture of tests/engine/test_inference.py: sdpa float64 tiny Llama, "fox" not in the bank."""
-    tmp_path = tmp_path_factory.mktemp("llama")
-    tokenizer = make_tokenizer()
-    model = make_model(tokenizer, attn="sdpa")
-    space = make_space(model)
-    phi = random_phi(space)
-    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 2.0), alpha_mode="tie", lora=space.spec(),
-                          base_model="tiny", base_fingerprint="f00")
-    chunks = [Chunk(id=i, text=t, source_id=i, index=0, metadata={"title": i}) for i, t in DOCS.items()]
-    index = BM25Index.create(tmp_path / "index")
-    index.add(chunks)
-    bank = GradientBank.create(tmp_path / "bank", binding={"m": "tiny"}, shapes=space.shapes, storage_dtype="fp32")
-    add_gradients(model, tokenizer, space, phi, chunks[:4], bank, progress=False)  # "fox" stays out
-    return ReGrad(model, tokenizer, space, meta, retriever=index, bank=bank, k=2, max_new_tokens=6)
+    """The shared tiny engine (tests/conftest.py): sdpa float64 tiny Llama, "fox" not in the bank."""
+    return make_engine(make_tokenizer(), tmp_path_factory.mktemp("llama"))
 
 
 class FixedRetriever(BaseRetriever):
