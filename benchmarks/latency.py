@@ -38,8 +38,8 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def squad_passages_and_questions(limit: int):
-    data = json.loads(SQUAD.read_text())["data"]
+def squad_passages_and_questions(limit: int, path: Path = SQUAD):
+    data = json.loads(Path(path).read_text())["data"]
     paragraphs, questions = [], []
     for article in data:
         for para in article["paragraphs"]:
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--squad", default=str(SQUAD), help="SQuAD 2.0 dev JSON (passages and questions)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     model = load_model(device=device, dtype=getattr(torch, args.dtype))
-    paragraphs, questions = squad_passages_and_questions(200)
+    paragraphs, questions = squad_passages_and_questions(200, args.squad)
     # Consecutive paragraphs joined and cut into 200-token chunks; keep only full-size ones.
     docs = [{"id": f"p{i}", "text": " ".join(paragraphs[i:i + 3])} for i in range(0, len(paragraphs), 3)]
     chunks = [c for c in chunk_documents(docs, model.tokenizer, max_tokens=200)

