@@ -123,3 +123,14 @@ def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title:
                                  systems=EVAL_SYSTEMS, progress=False, log=lambda _: None)
     print(markdown_table(scores) + "\n")
     return {name: s.as_dict() for name, s in scores.items()}
+
+
+TRAIN_STEPS = 40  # what the shipped domain checkpoints were trained with (see examples/README.md)
+
+
+def train_command(dataset: str, data_dir: str, run: str, checkpoint: str) -> str:
+    """The exact commands that make a domain checkpoint, continued from the general one."""
+    return (f"  python examples/datasets.py {dataset} --out {data_dir}\n"
+            f"  regrad train --data {data_dir} --out {run} --init-from checkpoints/smollm2-135m-synth "
+            f"--steps {TRAIN_STEPS} --tasks-per-step 2 --eval-every 20 --dev-size 16\n"
+            f"  cp -r {run}/best checkpoints/{checkpoint}")

@@ -31,13 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the examples as a packa
 from examples import _common, datasets  # noqa: E402
 
 DEFAULT_META = _common.CHECKPOINTS / "smollm2-135m-legal"
-TRAIN_STEPS = 40  # what checkpoints/smollm2-135m-legal was trained with (see examples/README.md)
-TRAIN_COMMAND = (
-    "  python examples/datasets.py legal --out runs/examples/legal/data/legal\n"
-    "  regrad train --data runs/examples/legal/data/legal --out runs/meta-legal "
-    f"--init-from checkpoints/smollm2-135m-synth --steps {TRAIN_STEPS} --tasks-per-step 2 --eval-every 20 --dev-size 16\n"
-    "  cp -r runs/meta-legal/best checkpoints/smollm2-135m-legal"
-)
+TRAIN_COMMAND = _common.train_command("legal", "runs/examples/legal/data/legal", "runs/meta-legal", "smollm2-135m-legal")
 SETS = (("CUAD", "cuad", datasets.cuad), ("PolicyQA", "policyqa", datasets.policyqa))
 
 

@@ -30,13 +30,7 @@ if __package__ in (None, ""):  # run as a script: import the examples as a packa
 from examples import _common, datasets  # noqa: E402
 
 DEFAULT_META = _common.CHECKPOINTS / "smollm2-135m-pubmedqa"
-TRAIN_STEPS = 40  # what checkpoints/smollm2-135m-pubmedqa was trained with (see examples/README.md)
-TRAIN_COMMAND = (
-    "  python examples/datasets.py pubmedqa --out runs/examples/medical/data\n"
-    "  regrad train --data runs/examples/medical/data --out runs/meta-pubmedqa "
-    f"--init-from checkpoints/smollm2-135m-synth --steps {TRAIN_STEPS} --tasks-per-step 2 --eval-every 20 --dev-size 16\n"
-    "  cp -r runs/meta-pubmedqa/best checkpoints/smollm2-135m-pubmedqa"
-)
+TRAIN_COMMAND = _common.train_command("pubmedqa", "runs/examples/medical/data", "runs/meta-pubmedqa", "smollm2-135m-pubmedqa")
 
 # The chain's prompt: the wording ReGrad was meta-trained with (passages, then the question).
 PROMPT = "Context:\n{context}\n\nQuestion: {question}\nAnswer with a short phrase only."
