@@ -116,15 +116,17 @@ def split_documents(out_dir: str | Path, split: str) -> list[dict]:
 # --------------------------------------------------------------------------- PubMedQA
 def pubmedqa(out_dir: str | Path, *, train: int = 300, dev: int = 50, test: int = 100, seed: int = 0) -> dict[str, int]:
     """PubMedQA PQA-L: one document per question (its abstract without the conclusion), answer
-    yes / no / maybe. Test = the first ``test`` ids of the official test split
-    (``test_ground_truth.json``); train and dev are drawn (seeded) from the other 500."""
+    yes / no / maybe. Test = a seeded sample of ``test`` ids of the official test split
+    (``test_ground_truth.json``, which lists its ids sorted by label: its first 100 are all
+    "yes"); train and dev are drawn (seeded) from the other 500."""
     data = json.loads(_source("medical", "pubmedqa", "ori_pqal.json").read_text(encoding="utf-8"))
     official_test = list(json.loads(_source("medical", "pubmedqa", "test_ground_truth.json").read_text()))
     rest = sorted(pmid for pmid in data if pmid not in set(official_test))
     random.Random(seed).shuffle(rest)
     if test > len(official_test) or train + dev > len(rest):
         raise DatasetError(f"PubMedQA has {len(official_test)} test and {len(rest)} other questions")
-    chosen = {"train": rest[:train], "dev": rest[train:train + dev], "test": official_test[:test]}
+    test_ids = sorted(random.Random(seed + 1).sample(sorted(official_test), test))
+    chosen = {"train": rest[:train], "dev": rest[train:train + dev], "test": test_ids}
     documents, splits = [], {}
     for split, pmids in chosen.items():
         splits[split] = []
