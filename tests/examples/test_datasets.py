@@ -52,7 +52,9 @@ def test_converter_writes_a_valid_data_dir(tmp_path, name):
         assert [len(rows[s]) for s in datasets.SPLITS] == [40, 10, 20]
         assert {a for r in rows["test"] for a in r["answers"]} <= {"yes", "no", "maybe"}
         official = list(json.loads((datasets.shared_data_dir() / "medical/pubmedqa/test_ground_truth.json").read_text()))
-        assert [r["id"] for r in rows["test"]] == official[:20]
+        assert {r["id"] for r in rows["test"]} <= set(official)
+        # the official file is sorted by label: a fair sample has more than one label
+        assert len({r["answers"][0] for r in rows["test"]}) > 1
     if name == "cuad":
         assert all(len(a) <= 80 for s in rows.values() for r in s for a in r["answers"])
         docs = _read(tmp_path / "a", "corpus.jsonl")
