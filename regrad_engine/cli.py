@@ -1,6 +1,7 @@
 """The ``regrad`` command line: one subcommand per job; heavy imports inside each job.
 
     regrad synth  --out data/synth                      # seeded synthetic QA corpus
+    regrad data   --out data/general                    # real QA sets of ../shared/data, pooled
     regrad train  --data data/synth --out runs/meta     # stage 1: meta-learning
     regrad build  --corpus docs.jsonl --meta runs/meta/best --bank runs/bank
     regrad build  --elasticsearch URL --index docs --meta runs/meta/best --store runs/es  # an existing index
@@ -38,12 +39,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_synth(args) -> int:
-    from regrad_engine.synthetic import generate_corpus
+    from regrad_engine.datasets.synthetic import generate_corpus
 
     corpus = generate_corpus(args.entities, seed=args.seed)
     corpus.write(args.out)
     print(f"wrote {len(corpus.documents)} documents, {len(corpus.train)}/{len(corpus.dev)}/{len(corpus.test)} "
           f"train/dev/test questions to {args.out}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from regrad_engine.datasets.general import SOURCES, build_general
+
+    sources = args.sources.split(",") if args.sources else list(SOURCES)
+    build_general(args.out, sources=sources, max_words=args.max_words, test_questions=args.test_questions,
+                  dev_questions=args.dev_questions, train_questions=args.train_questions,
+                  synthetic_share=args.synthetic_share, seed=args.seed)
     return 0
 
 
@@ -56,7 +67,8 @@ def _cmd_train(args) -> int:
 
     overrides = {k: getattr(args, k) for k in ("model", "data", "out", "init_from", "mode", "k", "steps",
                                                 "tasks_per_step", "lr", "alpha_lr", "alpha_mode", "alpha_init",
-                                                "doc_max_tokens", "eval_every", "dev_size", "device", "seed")}
+                                                "doc_max_tokens", "eval_every", "dev_size", "device", "seed",
+                                                "stop_after")}
     lora = {k: v for k, v in (("r", args.rank), ("lora_alpha", args.lora_alpha), ("layers", args.layers)) if v is not None}
     if lora:
         overrides["lora"] = lora
@@ -71,7 +83,7 @@ def _cmd_train(args) -> int:
           f"{len(space.modules)} modules), config:\n{cfg.model_dump_json(indent=1)}", flush=True)
     trainer = MetaTrainer(model.model, model.tokenizer, space, cfg, base_model=model.name,
                           base_fingerprint=model.fingerprint, init=init)
-    best = trainer.fit(train, dev, cfg.out, log=lambda s: print(s, flush=True))
+    best = trainer.fit(train, dev, cfg.out, log=lambda s: print(s, flush=True), stop_after=cfg.stop_after)
     print(f"best checkpoint: {cfg.out}/best (dev loss {best.metrics.get('dev_loss')})")
     return 0
 
@@ -250,14 +262,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed")
     p.set_defaults(func=_cmd_synth)
 
+    p = sub.add_parser("data", help="pool the real QA sets of ../shared/data into one meta-training directory")
+    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--sources", default=None, help="comma-separated subset of squad,hotpotqa,popqa,pubmedqa,policyqa,cuad")
+    p.add_argument("--max-words", dest="max_words", type=int, default=120, help="words per passage")
+    p.add_argument("--test-questions", dest="test_questions", type=int, default=200, help="per source")
+    p.add_argument("--dev-questions", dest="dev_questions", type=int, default=50, help="per source")
+    p.add_argument("--train-questions", dest="train_questions", type=int, default=1000, help="per source, at most")
+    p.add_argument("--synthetic-share", dest="synthetic_share", type=float, default=0.0,
+                   help="share of train/dev questions from the synthetic corpus (0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.set_defaults(func=_cmd_data)
+
     p = sub.add_parser("train", help="stage 1: meta-learn the LoRA initialisation and step sizes")
     p.add_argument("--config", help="JSON config file (flags override it)")
     p.add_argument("--data", help="data directory (corpus.jsonl, train.jsonl, dev.jsonl)")
     p.add_argument("--out", help="checkpoint directory")
     p.add_argument("--init-from", dest="init_from", help="continue from this meta checkpoint")
-    p.add_argument("--mode", choices=["parametric", "hybrid"])
+    p.add_argument("--mode", choices=["parametric", "hybrid", "mixed"])
     p.add_argument("--k", type=int)
     p.add_argument("--steps", type=int)
+    p.add_argument("--stop-after", dest="stop_after", type=int,
+                   help="end this run after N steps; the same command resumes from out/last")
     p.add_argument("--tasks-per-step", dest="tasks_per_step", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--alpha-lr", dest="alpha_lr", type=float)

@@ -36,7 +36,8 @@ class MetaTrainConfig(_Strict):
     out: str = Field(..., description="Checkpoint directory to write (best/ and last/ inside).")
     init_from: str | None = Field(None, description="Continue from this meta checkpoint (domain transfer).")
     resume: bool = Field(True, description="Resume from out/last if it exists.")
-    mode: Literal["parametric", "hybrid"] = Field("parametric", description="Passages out of (parametric) or in (hybrid) the prompt.")
+    mode: Literal["parametric", "hybrid", "mixed"] = Field(
+        "parametric", description="Passages out of (parametric) or in (hybrid) the prompt; mixed: half of each batch each way.")
     k: int = Field(3, ge=1, description="Passages per question (gold among distractors).")
     steps: int = Field(600, ge=1, description="Meta-steps (outer optimiser steps).")
     tasks_per_step: int = Field(4, ge=1, description="Questions per meta-step (meta-batch).")
@@ -49,6 +50,8 @@ class MetaTrainConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adaptation space.")
     doc_max_tokens: int = Field(200, ge=2, description="Tokens per passage for the inner gradient.")
     qa_max_length: int = Field(1536, ge=16, description="Max tokens of the outer QA sequence.")
+    stop_after: int | None = Field(None, ge=1, description="End this run after this many steps (state saved; "
+                                   "re-run the same command to resume from out/last).")
     eval_every: int = Field(50, ge=1, description="Dev evaluation (and save) every this many steps.")
     dev_size: int = Field(64, ge=1, description="Dev questions used per evaluation.")
     bf16: bool = Field(False, description="bf16 autocast (used only where the device supports it).")

@@ -22,7 +22,7 @@ def run_demo(*, meta: str | None = None, workdir: str = "runs/demo", questions: 
     from regrad_engine.metrics import exact_match
     from regrad_engine.models import load_model
     from regrad_engine.pipeline import build_store, open_engine
-    from regrad_engine.synthetic import generate_corpus
+    from regrad_engine.datasets.synthetic import generate_corpus
 
     if threads:
         torch.set_num_threads(threads)

@@ -7,6 +7,7 @@ from regrad_engine.checkpoint import CheckpointError
 from regrad_engine.chunking import CorpusError
 from regrad_engine.config import ConfigError
 from regrad_engine.data import DataError
+from regrad_engine.datasets.converters import DatasetError
 from regrad_engine.models import ModelLoadError
 from regrad_engine.retrieval import RetrievalError
 
@@ -15,5 +16,5 @@ class RequestError(ValueError):
     """A bad request: empty question, k <= 0, unknown mode, unknown document id."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (BankError, CheckpointError, CorpusError, ConfigError, DataError,
+USER_ERRORS: tuple[type[Exception], ...] = (BankError, CheckpointError, CorpusError, ConfigError, DataError, DatasetError,
                                              ModelLoadError, RetrievalError, RequestError)

@@ -1,6 +1,7 @@
 """Stage 1: meta-learning (MAML-style, bi-level) of the LoRA initialisation phi and step sizes alpha.
 
-For a task (question q, answer a, passages p_1..p_k):
+For a task (question q, answer a, passages p_1..p_k); in ``mixed`` mode every second task
+of a batch is hybrid, so one checkpoint serves both modes:
     inner:  g_j = grad_phi L_LM(p_j; phi)            (create_graph: differentiable)
     update: phi' = phi - alpha (.) sum_j g_j          (apply_update)
     outer:  L_QA = -log p(a | q [, passages]; phi')  (answer tokens only)
@@ -38,6 +39,15 @@ class MetaExample:
     question: str
     answers: list[str]
     passages: list[str]
+    source: str = ""
+
+
+def hybrid_tasks(mode: str, n: int) -> list[bool]:
+    """Which of n tasks read their passages in the prompt: none (parametric), all (hybrid),
+    or every second one (mixed: one checkpoint meta-trained for both modes)."""
+    if mode not in ("parametric", "hybrid", "mixed"):
+        raise ValueError(f"mode must be 'parametric', 'hybrid' or 'mixed', got {mode!r}")
+    return [mode == "hybrid" or (mode == "mixed" and i % 2 == 1) for i in range(n)]
 
 
 def sum_per_task(grads: Phi, owner: Tensor, num_tasks: int) -> Phi:
@@ -67,8 +77,9 @@ def meta_loss(model: nn.Module, tokenizer, space: LoraSpace, phi: Phi, alpha: Ph
         adapted = apply_update(phi, sum_per_task(grads, owner, len(tasks)), alpha)
     else:
         adapted = phi
+    in_prompt = hybrid_tasks(mode, len(tasks))
     qa = encode_qa_batch(tokenizer, [t.question for t in tasks], [t.answers[0] for t in tasks],
-                         [t.passages for t in tasks] if mode == "hybrid" else None, qa_max_length)
+                         [t.passages if h else None for t, h in zip(tasks, in_prompt)], qa_max_length)
     qa = {k: v.to(device) for k, v in qa.items()}
     return model_loss(model, space, adapted, qa).mean()
 

@@ -1,4 +1,4 @@
-"""Tests for regrad_engine.synthetic."""
+"""Tests for regrad_engine.datasets.synthetic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from regrad_engine.synthetic import (
+from regrad_engine.datasets.synthetic import (
     SyntheticCorpus,
     distractor_ids,
     generate_corpus,

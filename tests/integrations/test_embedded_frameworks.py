@@ -13,7 +13,7 @@ from regrad_engine.chunking import chunk_documents
 from regrad_engine.metrics import score_predictions
 from regrad_engine.models import load_model
 from regrad_engine.pipeline import build_store, open_engine
-from regrad_engine.synthetic import generate_corpus
+from regrad_engine.datasets.synthetic import generate_corpus
 from regrad_integrations.langchain import regrad_langchain
 from tests.integrations.snippets.langchain_rag import build_chain, format_docs
 from tests.integrations.snippets.llama_index_rag import build_query_engine
