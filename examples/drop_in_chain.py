@@ -72,13 +72,16 @@ class LocalLLM(LLM):
     def _call(self, prompt: str, stop=None, run_manager=None, **kwargs) -> str:
         import torch
 
+        from regrad_engine.prompts import turn_marker_ids
+
         tokenizer = self.model.tokenizer
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
             out = self.model.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                            eos_token_id=turn_marker_ids(tokenizer))
         return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

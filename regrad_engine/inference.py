@@ -20,7 +20,9 @@ from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.errors import RequestError
 from regrad_engine.gradients import document_gradients
 from regrad_engine.lora import LoraSpace, Phi, apply_update
-from regrad_engine.prompts import check_mode, encode_documents, encode_messages, pad_id, user_message
+from regrad_engine.prompts import (
+    check_mode, encode_documents, encode_messages, pad_id, turn_marker_ids, user_message,
+)
 from regrad_engine.retrieval import Hit, Retriever
 
 
@@ -75,6 +77,7 @@ class ReGrad:
         self.phi = {k_: v.to(self.device, torch.float32) for k_, v in meta.phi.items()}
         self.alpha = {k_: v.to(self.device, torch.float32) for k_, v in meta.alpha.items()}
         self._bank_lock = threading.Lock()  # bank objects are not thread-safe
+        self._stop_ids = turn_marker_ids(tokenizer)  # an answer ends at any turn marker
 
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
@@ -143,7 +146,7 @@ class ReGrad:
             output = self.model.generate(**batch, max_new_tokens=max_new_tokens or self.max_new_tokens,
                                          do_sample=False, temperature=None, top_p=None, top_k=None,
                                          pad_token_id=pad_id(self.tokenizer),
-                                         eos_token_id=self.tokenizer.eos_token_id, **generate_kwargs)
+                                         eos_token_id=self._stop_ids, **generate_kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -92,6 +92,21 @@ def pad_batch(sequences: Sequence[Sequence[int]], labels: Sequence[Sequence[int]
     return batch
 
 
+def turn_marker_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: eos and every special token the chat template writes
+    (end *and* start of a turn). After a LoRA update a small model sometimes opens a new
+    turn (``<|im_start|>``) instead of closing its own; generation must stop there too."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    for token in specials:
+        if token and token in template and token != getattr(tokenizer, "pad_token", None):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+    return sorted(ids)
+
+
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

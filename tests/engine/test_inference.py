@@ -105,3 +105,45 @@ def test_no_drift_after_100_mixed_requests_and_threads_get_their_own_answers(eng
         results = list(pool.map(run, jobs))
     assert results == [expected[job] for job in jobs]
     assert parameter_hash(engine.model.named_parameters()) == model_hash
+
+
+class _Script:
+    """Logits processor forcing the tokens of `script`, one per step (then eos)."""
+
+    def __init__(self, script, eos):
+        self.script, self.eos, self.step = list(script), eos, 0
+
+    def __call__(self, input_ids, scores):
+        wanted = self.script[self.step] if self.step < len(self.script) else self.eos
+        self.step += 1
+        forced = torch.full_like(scores, -1e9)
+        forced[:, wanted] = 0.0
+        return forced
+
+
+def test_turn_markers_are_the_template_special_tokens(tokenizer):
+    from regrad_engine.prompts import turn_marker_ids
+
+    ids = turn_marker_ids(tokenizer)
+    assert set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])) == set(ids)
+    assert tokenizer.pad_token_id not in ids
+
+
+@pytest.mark.parametrize("path", ["answer_batch", "complete_batch", "stream"])
+def test_an_answer_ends_at_a_start_of_turn_marker(engine, path):
+    """A model that opens a new turn ('yes<|im_start|>system ...') instead of closing its own
+    answers just 'yes', in every generation path."""
+    from transformers import LogitsProcessorList
+
+    tok = engine.tokenizer
+    yes, system = tok("yes", add_special_tokens=False)["input_ids"], tok("system", add_special_tokens=False)["input_ids"]
+    script = yes + [tok.convert_tokens_to_ids("<|im_start|>")] + system + yes
+    docs = [Hit("velmora", DOCS["velmora"], 0.0)]
+    kwargs = {"logits_processor": LogitsProcessorList([_Script(script, tok.eos_token_id)]), "max_new_tokens": 12}
+    if path == "answer_batch":
+        text = engine.answer_batch(["Where?"], documents=[docs], **kwargs)[0].text
+    elif path == "complete_batch":
+        text = engine.complete_batch(["Where?"], [docs], **kwargs)[0]
+    else:
+        text = "".join(engine.stream("Where?", documents=docs, **kwargs))
+    assert text == "yes"
