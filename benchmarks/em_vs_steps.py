@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from regrad_engine.checkpoint import MetaCheckpoint
-    from regrad_engine.evaluation import evaluate_systems
+    from regrad_engine.evaluation import evaluate_systems, overall_scores
     from regrad_engine.lora import LoraSpace, init_step_sizes, lora_config_from_dict
     from regrad_engine.models import load_model
 
@@ -48,8 +48,9 @@ def main(argv=None) -> int:
                              base_fingerprint=first.base_fingerprint)
     points = []
     for step, ckpt in [(0, initial)] + [(int(p.name.split("-")[1]), MetaCheckpoint.load(p)) for p in steps]:
-        scores, _ = evaluate_systems(model, ckpt, args.data, split=args.split, limit=args.limit,
-                                     systems=("regrad", "random_grads"), progress=False, log=lambda s: None)
+        scores = overall_scores(evaluate_systems(model, ckpt, args.data, split=args.split, limit=args.limit,
+                                                 systems=("regrad", "random_grads"), progress=False,
+                                                 log=lambda s: None))
         points.append({"step": step, "regrad_em": scores["regrad"].exact_match, "regrad_f1": scores["regrad"].f1,
                        "random_em": scores["random_grads"].exact_match})
         print(json.dumps(points[-1]), flush=True)

@@ -115,12 +115,12 @@ def print_answer(question: dict, answers: dict[str, str], documents: Sequence[tu
 def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title: str) -> dict:
     """Exact match and token F1 on the first ``limit`` held-out questions, four systems."""
     from regrad_engine.checkpoint import MetaCheckpoint
-    from regrad_engine.evaluation import evaluate_systems, markdown_table
+    from regrad_engine.evaluation import evaluate_systems, markdown_table, overall_scores
 
     print(f"held-out accuracy, {title}: first {limit} test questions, gold document among {k - 1} "
           "distractors from the test split (regrad_engine.evaluation)", flush=True)
-    scores, _ = evaluate_systems(model, MetaCheckpoint.load(meta), data_dir, split="test", k=k, limit=limit,
-                                 systems=EVAL_SYSTEMS, progress=False, log=lambda _: None)
+    scores = overall_scores(evaluate_systems(model, MetaCheckpoint.load(meta), data_dir, split="test", k=k,
+                                             limit=limit, systems=EVAL_SYSTEMS, progress=False, log=lambda _: None))
     print(markdown_table(scores) + "\n")
     return {name: s.as_dict() for name, s in scores.items()}
 

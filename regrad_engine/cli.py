@@ -204,23 +204,25 @@ def _usage(message: str):
 
 
 def _cmd_eval(args) -> int:
+    from pathlib import Path
+
     from regrad_engine.checkpoint import MetaCheckpoint
-    from regrad_engine.evaluation import SYSTEMS, evaluate_systems, markdown_table
+    from regrad_engine.evaluation import SYSTEMS, evaluate_systems, markdown_tables, per_question, summarize
 
     _check_request(["x"], args.k)
     meta = MetaCheckpoint.load(args.meta)
     model = _load(args.model, args.device, args.dtype, args.threads)
     systems = args.systems.split(",") if args.systems else SYSTEMS
-    scores, predictions = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit,
-                                           seed=args.seed, systems=systems)
-    table = markdown_table(scores)
-    print(table)
+    run = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit, seed=args.seed,
+                           systems=systems, setting=args.setting)
+    report = summarize(run, seed=args.seed)
+    print(markdown_tables(report, args.setting))
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps({"meta": args.meta, "split": args.split, "k": args.k,
-                                              "scores": {n: s.as_dict() for n, s in scores.items()},
-                                              "predictions": predictions}, indent=1))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(
+            {"meta": args.meta, "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
+             "limit_per_set": args.limit, "seed": args.seed, "report": report, "questions": per_question(run)},
+            indent=1, ensure_ascii=False))
     return 0
 
 
@@ -344,10 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", required=True, help="meta checkpoint directory")
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=int, default=3)
-    p.add_argument("--limit", type=int, default=None, help="first N questions only")
-    p.add_argument("--systems", default=None, help="comma-separated subset of systems")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each set (source) only")
+    p.add_argument("--systems", default=None,
+                   help="comma-separated subset of direct,rag,meta_lora,format_control,random_grads,regrad,"
+                        "regrad_hybrid,raw_gradients (default: all but raw_gradients)")
+    p.add_argument("--setting", default="given", choices=["given", "retrieval"],
+                   help="given: each question's gold among hard negatives; retrieval: BM25 top-k over every "
+                        "passage of the split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="write scores and predictions as JSON")
+    p.add_argument("--out", default=None, help="write the per-set report and per-question answers as JSON")
     _add_model_args(p)
     p.set_defaults(func=_cmd_eval)
 

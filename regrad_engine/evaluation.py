@@ -1,93 +1,160 @@
-"""The core-claim evaluation: seven systems on held-out questions, k documents each.
+"""Evaluation: ReGrad beside the baselines and controls that expose a fake win.
 
-Systems (all greedy, same prompts, same k documents per question, gold among distractors):
-    direct         base model, question only
-    meta_lora      meta-learned phi applied, no document gradients
-    raw_gradients  document gradients taken at a fresh (not meta-learned) LoRA, same alpha
-    random_grads   meta-learned phi + gradients of k random bank documents
-    regrad         meta-learned phi + the k documents' gradients, parametric (no passages)
-    rag            base model with the k passages in the prompt
-    regrad_hybrid  ReGrad + the k passages in the prompt
+Two settings:
+    given      each question's k passages from the data (gold among hard negatives)
+    retrieval  BM25 top-k over the pooled test corpus (every test passage), as a deployed
+               app sees it; gold recall@k is reported beside the scores
+
+Systems (greedy, same prompts and the same k documents per question):
+    direct          base model, question only
+    rag             base model, the k passages in the prompt
+    meta_lora       meta-learned phi, no document gradients, no passages
+    format_control  meta-learned phi, the k passages in the prompt, no gradients: what the
+                    LoRA teaches about answer form (hybrid must beat it to claim knowledge)
+    random_grads    meta-learned phi + the gradients of k random test passages
+    regrad          meta-learned phi + the k passages' gradients (parametric)
+    regrad_hybrid   ReGrad + the k passages in the prompt
+    raw_gradients   (on request) gradients taken at a fresh LoRA, same alpha
+
+Every set (the ``source`` of a question) gets its own table: EM, token F1 and
+answer-contained with 95% bootstrap intervals, the share of each system's most frequent
+answer (a collapse detector), and the majority-answer baseline (always answering the
+set's most frequent gold answer).
 """
 
 from __future__ import annotations
 
 import random
 import tempfile
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrad_engine.bank import GradientBank
 from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.chunking import Chunk
-from regrad_engine.data import eval_items, load_documents
+from regrad_engine.data import DataError, EvalItem, eval_items, load_documents
 from regrad_engine.inference import ReGrad
 from regrad_engine.lora import LoraSpace, lora_config_from_dict
-from regrad_engine.metrics import Scores, score_predictions
+from regrad_engine.metrics import (
+    Scores, bootstrap_interval, contains_answer, exact_match, normalize_answer, score_predictions, token_f1,
+    top_answer_share,
+)
 from regrad_engine.models import LoadedModel
 from regrad_engine.pipeline import add_gradients
-from regrad_engine.retrieval import Hit
+from regrad_engine.retrieval import BM25Index, Hit
 
-SYSTEMS = ("direct", "meta_lora", "raw_gradients", "random_grads", "regrad", "rag", "regrad_hybrid")
+SYSTEMS = ("direct", "rag", "meta_lora", "format_control", "random_grads", "regrad", "regrad_hybrid")
+ALL_SYSTEMS = SYSTEMS + ("raw_gradients",)
+SETTINGS = ("given", "retrieval")
 LABELS = {
     "direct": "Base model (direct)",
-    "meta_lora": "Meta-learned LoRA, no document gradients",
-    "raw_gradients": "Raw LM gradients, no meta-learning",
-    "random_grads": "Random gradients from the bank",
-    "regrad": "ReGrad parametric",
     "rag": "RAG (passages in prompt, base model)",
+    "meta_lora": "Meta-learned LoRA, no gradients, no passages",
+    "format_control": "Format control: meta-learned LoRA + passages, no gradients",
+    "random_grads": "Random passages' gradients",
+    "regrad": "ReGrad parametric",
     "regrad_hybrid": "ReGrad hybrid (gradients + passages)",
+    "raw_gradients": "Raw LM gradients, no meta-learning",
 }
+METRICS = {"exact_match": exact_match, "f1": token_f1, "contains": contains_answer}
+
+
+@dataclass
+class EvalRun:
+    """Questions, the documents each system used, and every system's answers."""
+
+    setting: str
+    items: list[EvalItem]
+    documents: list[list[Hit]]
+    predictions: dict[str, list[str]] = field(default_factory=dict)
+
+    def gold_recall(self) -> list[float]:
+        """Per question: 1.0 if its gold passage is among its documents."""
+        return [float(item.gold_id in {h.id for h in docs}) for item, docs in zip(self.items, self.documents)]
 
 
 def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | Path, *, split: str = "test",
-                     k: int = 3, limit: int | None = None, seed: int = 0, systems=SYSTEMS, batch_size: int = 16,
-                     max_new_tokens: int = 20, progress: bool = True,
-                     log: Callable[[str], None] = print) -> tuple[dict[str, Scores], dict[str, list[str]]]:
-    """Score each system on a split; returns (scores, predictions) by system name."""
+                     k: int = 3, limit: int | None = None, seed: int = 0, systems: Sequence[str] = SYSTEMS,
+                     setting: str = "given", batch_size: int = 16, max_new_tokens: int = 20, progress: bool = True,
+                     log: Callable[[str], None] = print) -> EvalRun:
+    """Answer a split with each system.
+
+    Args:
+        limit: First N questions of each set (source).
+        setting: ``"given"`` or ``"retrieval"`` (see the module docstring).
+
+    Raises:
+        DataError: Unknown system or setting, or a data directory without the needed files.
+    """
+    unknown = [s for s in systems if s not in ALL_SYSTEMS]
+    if unknown or setting not in SETTINGS:
+        raise DataError(f"unknown system {unknown[0]!r}: choose from {', '.join(ALL_SYSTEMS)}" if unknown else
+                        f"unknown setting {setting!r}: choose from {', '.join(SETTINGS)}")
     items = eval_items(data_dir, split, k=k, seed=seed, limit=limit)
     docs = load_documents(data_dir)
-    needed = sorted({d for item in items for d in item.doc_ids})
-    chunks = [Chunk(id=d, text=docs[d]["text"], source_id=d, index=0) for d in needed]
-    documents = [[Hit(id=d, text=docs[d]["text"], score=0.0) for d in item.doc_ids] for item in items]
+    if setting == "given":
+        documents = [[Hit(d, docs[d]["text"], 0.0) for d in item.doc_ids] for item in items]
+        pool = sorted({d for item in items for d in item.doc_ids})
+    else:
+        pool = sorted(d for d, row in docs.items() if row.get("split", split) == split)
+        documents = _retrieve(docs, pool, [item.question for item in items], k)
     rng = random.Random(seed + 7)
-    random_docs = [[Hit(id=d, text=docs[d]["text"], score=0.0) for d in rng.sample(needed, k)] for _ in items]
+    random_docs = [[Hit(d, docs[d]["text"], 0.0) for d in rng.sample(pool, min(k, len(pool)))] for _ in items]
+    run = EvalRun(setting, items, documents)
     questions = [item.question for item in items]
-    answers = [item.answers for item in items]
+    passages = [[h.text for h in d] for d in documents]
 
     meta.check_base(model.fingerprint, model.name)
     space = getattr(model.model, "_regrad_space", None) or LoraSpace(model.model, lora_config_from_dict(meta.lora))
-    raw = MetaCheckpoint(phi=space.init_phi(seed=seed), alpha=meta.alpha, alpha_mode=meta.alpha_mode,
-                         lora=meta.lora, base_model=meta.base_model, base_fingerprint=meta.base_fingerprint)
-    predictions: dict[str, list[str]] = {}
+    needed = {h.id: h.text for d in documents + random_docs for h in d}
+    chunks = [Chunk(id=d, text=t, source_id=d, index=0) for d, t in sorted(needed.items())]
     with tempfile.TemporaryDirectory() as tmp:
-        engines = {}
-        needed_engines = [("meta", meta)] + ([("raw", raw)] if "raw_gradients" in systems else [])
-        for name, ckpt in needed_engines:
-            bank = GradientBank.create(Path(tmp) / name, binding={"eval": name}, shapes=space.shapes, storage_dtype="fp32")
-            log(f"computing {len(chunks)} document gradients at the {name} LoRA")
+        def engine(name: str, ckpt: MetaCheckpoint) -> ReGrad:
+            bank = GradientBank.create(Path(tmp) / name, binding={"eval": name}, shapes=space.shapes,
+                                       storage_dtype="fp32")
+            log(f"computing {len(chunks)} passage gradients at the {name} LoRA")
             add_gradients(model.model, model.tokenizer, space, ckpt.phi, chunks, bank, progress=progress)
-            engines[name] = ReGrad(model.model, model.tokenizer, space, ckpt, bank=bank, k=k,
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size, on_the_fly=False)
-        runs = {
-            "direct": lambda: _plain(engines["meta"], questions, None),
-            "meta_lora": lambda: engines["meta"].answer_batch(questions, documents=documents, use_gradients=False),
-            "raw_gradients": lambda: engines["raw"].answer_batch(questions, documents=documents),
-            "random_grads": lambda: engines["meta"].answer_batch(questions, documents=random_docs),
-            "regrad": lambda: engines["meta"].answer_batch(questions, documents=documents),
-            "rag": lambda: _plain(engines["meta"], questions, [[h.text for h in d] for d in documents]),
-            "regrad_hybrid": lambda: engines["meta"].answer_batch(questions, documents=documents, mode="hybrid"),
+            return ReGrad(model.model, model.tokenizer, space, ckpt, bank=bank, k=k, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, on_the_fly=False)
+
+        uses_meta = set(systems) - {"direct", "rag", "raw_gradients"}
+        main = engine("meta", meta) if uses_meta else ReGrad(model.model, model.tokenizer, space, meta, k=k,
+                                                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+        runs: dict[str, Callable[[], list]] = {
+            "direct": lambda: _plain(main, questions, None),
+            "rag": lambda: _plain(main, questions, passages),
+            "meta_lora": lambda: main.answer_batch(questions, documents=documents, use_gradients=False),
+            "format_control": lambda: main.answer_batch(questions, documents=documents, use_gradients=False,
+                                                        mode="hybrid"),
+            "random_grads": lambda: main.answer_batch(questions, documents=random_docs),
+            "regrad": lambda: main.answer_batch(questions, documents=documents),
+            "regrad_hybrid": lambda: main.answer_batch(questions, documents=documents, mode="hybrid"),
+            "raw_gradients": lambda: engine("raw", _raw(space, meta, seed)).answer_batch(questions, documents=documents),
         }
-        scores = {}
         for name in systems:
             outputs = runs[name]()
-            predictions[name] = [o if isinstance(o, str) else o.text for o in outputs]
-            scores[name] = score_predictions(predictions[name], answers)
-            log(f"{name:14s} EM {scores[name].exact_match:.3f}  F1 {scores[name].f1:.3f}  (n={scores[name].n})")
-    return scores, predictions
+            run.predictions[name] = [o if isinstance(o, str) else o.text for o in outputs]
+            log(f"{name:15s} done ({len(outputs)} answers)")
+    return run
 
 
-def _plain(engine: ReGrad, questions, passages) -> list[str]:
+def _retrieve(docs: dict[str, dict], pool: list[str], questions: list[str], k: int) -> list[list[Hit]]:
+    """BM25 top-k over the pooled passages (title + text indexed, text returned)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        index = BM25Index.create(Path(tmp) / "bm25")
+        index.add([{"id": d, "text": f"{docs[d].get('title', '')} {docs[d]['text']}".strip()} for d in pool])
+        found = index.retrieve_batch(questions, k)
+    return [[Hit(h.id, docs[h.id]["text"], h.score) for h in hits] for hits in found]
+
+
+def _raw(space: LoraSpace, meta: MetaCheckpoint, seed: int) -> MetaCheckpoint:
+    return MetaCheckpoint(phi=space.init_phi(seed=seed), alpha=meta.alpha, alpha_mode=meta.alpha_mode,
+                          lora=meta.lora, base_model=meta.base_model, base_fingerprint=meta.base_fingerprint)
+
+
+def _plain(engine: ReGrad, questions: Sequence[str], passages) -> list[str]:
     """The base model alone (no LoRA at all), batched."""
     out: list[str] = []
     for start in range(0, len(questions), engine.batch_size):
@@ -96,8 +163,71 @@ def _plain(engine: ReGrad, questions, passages) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- reporting
+def overall_scores(run: EvalRun) -> dict[str, Scores]:
+    """Mean EM / F1 / contained per system over every question of the run."""
+    answers = [item.answers for item in run.items]
+    return {name: score_predictions(preds, answers) for name, preds in run.predictions.items()}
+
+
 def markdown_table(scores: dict[str, Scores]) -> str:
+    """One table of overall scores (see :func:`markdown_tables` for the per-set report)."""
     lines = ["| system | exact match | token F1 | n |", "|---|---|---|---|"]
     for name, s in scores.items():
         lines.append(f"| {LABELS.get(name, name)} | {s.exact_match:.3f} | {s.f1:.3f} | {s.n} |")
     return "\n".join(lines)
+
+
+def summarize(run: EvalRun, *, seed: int = 0) -> dict[str, dict]:
+    """Per set (source; ``"all"`` when a split has one unnamed set): n, majority answer,
+    gold recall, and per system each metric's mean and 95% bootstrap interval plus the
+    share of its most frequent answer."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(run.items):
+        groups.setdefault(item.source or "all", []).append(i)
+    recall = run.gold_recall()
+    report = {}
+    for source, rows in groups.items():
+        answers = [run.items[i].answers for i in rows]
+        majority, count = Counter(normalize_answer(a[0]) for a in answers).most_common(1)[0]
+        entry = {"n": len(rows), "majority_answer": majority, "majority_share": count / len(rows),
+                 "gold_recall": sum(recall[i] for i in rows) / len(rows), "systems": {}}
+        baselines = {"majority": [majority] * len(rows)}
+        for name, predictions in list(baselines.items()) + list(run.predictions.items()):
+            preds = predictions if name == "majority" else [predictions[i] for i in rows]
+            scores = {}
+            for metric, fn in METRICS.items():
+                values = [fn(p, a) for p, a in zip(preds, answers)]
+                low, high = bootstrap_interval(values, seed=seed)
+                scores[metric] = {"mean": sum(values) / len(values), "low": low, "high": high}
+            top, share = top_answer_share(preds)
+            scores["top_answer"], scores["top_answer_share"] = top, share
+            entry["systems"][name] = scores
+        report[source] = entry
+    return report
+
+
+def markdown_tables(report: dict[str, dict], setting: str = "given") -> str:
+    """One markdown table per set."""
+    out = []
+    for source, entry in report.items():
+        out.append(f"**{source}** ({setting}, n={entry['n']}, gold passage among the k: "
+                   f"{entry['gold_recall']:.0%}; most frequent gold answer {entry['majority_answer']!r} "
+                   f"= {entry['majority_share']:.0%})\n")
+        out.append("| system | EM [95% CI] | F1 [95% CI] | answer contained | top answer share |")
+        out.append("|---|---|---|---|---|")
+        for name, s in entry["systems"].items():
+            label = "Majority answer (constant)" if name == "majority" else LABELS.get(name, name)
+            cells = [f"{s[m]['mean']:.3f} [{s[m]['low']:.2f}, {s[m]['high']:.2f}]" for m in ("exact_match", "f1")]
+            out.append(f"| {label} | {cells[0]} | {cells[1]} | {s['contains']['mean']:.3f} | "
+                       f"{s['top_answer_share']:.2f} ({s['top_answer'][:20]!r}) |")
+        out.append("")
+    return "\n".join(out)
+
+
+def per_question(run: EvalRun) -> list[dict]:
+    """Per-question records for the JSON output."""
+    return [{"id": item.id, "source": item.source, "question": item.question, "answers": item.answers,
+             "documents": [h.id for h in docs], "gold_id": item.gold_id,
+             "predictions": {name: preds[i] for name, preds in run.predictions.items()}}
+            for i, (item, docs) in enumerate(zip(run.items, run.documents))]

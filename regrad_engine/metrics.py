@@ -20,6 +20,8 @@ from typing import Sequence
 
 __all__ = [
     "Scores",
+    "bootstrap_interval",
+    "top_answer_share",
     "contains_answer",
     "exact_match",
     "first_line",
@@ -209,3 +211,38 @@ def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str
         f1 += token_f1(prediction, gold)
         contains += contains_answer(prediction, gold)
     return Scores(exact_match=em / n, f1=f1 / n, contains=contains / n, n=n)
+
+
+def bootstrap_interval(values: Sequence[float], *, resamples: int = 1000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-question values.
+
+    Args:
+        values: One metric value per question.
+        resamples: Bootstrap resamples (seeded, so the interval is reproducible).
+        level: Coverage, e.g. 0.95.
+        seed: Resampling seed.
+
+    Returns:
+        (low, high); (0.0, 0.0) for no values.
+    """
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def top_answer_share(predictions: Sequence[str]) -> tuple[str, float]:
+    """The most frequent normalised answer (first line) and the share of predictions that
+    give it: a collapse detector (a model answering "yes" to everything shows 1.0)."""
+    if not predictions:
+        return "", 0.0
+    counts = Counter(normalize_answer(_prepare(p)) for p in predictions)
+    answer, count = max(counts.items(), key=lambda item: (item[1], item[0]))
+    return answer, count / len(predictions)

@@ -311,7 +311,7 @@ def build_general(out_dir: str | Path, *, sources: Sequence[str] = SOURCES, max_
     info["dropped_repeated_questions"] = _drop_repeated_questions(rows)
     if synthetic_share > 0:
         info["sources"]["synthetic"] = _add_synthetic(corpus, rows, synthetic_share, seed)
-    _add_distractors(corpus, rows, distractors)
+    _add_distractors(corpus, rows, distractors, seed)
     for split in SPLITS:
         random.Random(f"{seed}:order:{split}").shuffle(rows[split])
     info["passages"] = {s: sum(1 for d in corpus if d["split"] == s) for s in SPLITS}
@@ -372,8 +372,9 @@ def _add_synthetic(corpus: list[dict], rows: dict[str, list[dict]], share: float
     return kept
 
 
-def _add_distractors(corpus: list[dict], rows: dict[str, list[dict]], n: int) -> None:
-    """BM25 top passages of the same split that are neither gold nor hold an answer."""
+def _add_distractors(corpus: list[dict], rows: dict[str, list[dict]], n: int, seed: int) -> None:
+    """BM25 top passages of the same split that are neither gold nor hold an answer; topped
+    up with random passages of the split when BM25 finds too few (seeded)."""
     from regrad_engine.retrieval import BM25Index
 
     for split in SPLITS:
@@ -384,16 +385,24 @@ def _add_distractors(corpus: list[dict], rows: dict[str, list[dict]], n: int) ->
         with tempfile.TemporaryDirectory() as tmp:
             index = BM25Index.create(Path(tmp) / "bm25")
             index.add([{"id": d["id"], "text": f"{d['title']} {d['text']}"} for d in docs])
-            hits = index.retrieve_batch([r["question"] for r in rows[split]], n + 8)
+            hits = index.retrieve_batch([r["question"] for r in rows[split]], 10 * n + 10)
+        rng = random.Random(f"{seed}:distractors:{split}")
         for row, found in zip(rows[split], hits):
             gold = set(row["gold_ids"])
             answers = [] if row["source"] in LABEL_SOURCES else [_norm(a) for a in row["answers"] if _norm(a)]
-            chosen = []
-            for hit in found:
-                padded = f" {_norm(text[hit.id])} "
-                if hit.id not in gold and not any(f" {a} " in padded for a in answers):
-                    chosen.append(hit.id)
-            row["distractor_ids"] = chosen[:n]
+
+            def usable(doc_id: str) -> bool:
+                padded = f" {_norm(text[doc_id])} "
+                return doc_id not in gold and not any(f" {a} " in padded for a in answers)
+
+            chosen = [h.id for h in found if usable(h.id)][:n]
+            for _ in range(100 * n):  # bounded: a tiny split may hold too few usable passages
+                if len(chosen) == n:
+                    break
+                candidate = docs[rng.randrange(len(docs))]["id"]
+                if candidate not in chosen and usable(candidate):
+                    chosen.append(candidate)
+            row["distractor_ids"] = chosen
 
 
 def _write(out: Path, corpus: list[dict], rows: dict[str, list[dict]], info: dict) -> None:

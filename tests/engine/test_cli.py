@@ -47,7 +47,9 @@ def test_eval_prints_the_table(workspace, capsys):
     assert main(["eval", "--data", str(root / "data"), "--meta", str(root / "meta" / "best"), "--limit", "4",
                  "--systems", "direct,regrad", "--out", str(root / "eval.json"), *tiny]) == 0
     assert "| ReGrad parametric |" in capsys.readouterr().out
-    assert set(json.loads((root / "eval.json").read_text())["scores"]) == {"direct", "regrad"}
+    written = json.loads((root / "eval.json").read_text())
+    assert set(written["report"]["all"]["systems"]) == {"majority", "direct", "regrad"}
+    assert len(written["questions"]) == 4 and set(written["questions"][0]["predictions"]) == {"direct", "regrad"}
 
 
 @pytest.mark.parametrize("argv, message", [

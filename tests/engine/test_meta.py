@@ -88,3 +88,20 @@ def test_checkpoint_roundtrip_and_refusals(tokenizer, tmp_path):
         loaded.check_base("other", "other-model")
     with pytest.raises(CheckpointError, match="regrad train"):
         MetaCheckpoint.load(tmp_path / "missing")
+
+
+def test_mixed_mode_puts_the_passages_in_every_second_prompt(tokenizer, tmp_path):
+    from regrad_engine.meta import hybrid_tasks, meta_loss
+
+    assert hybrid_tasks("mixed", 4) == [False, True, False, True]
+    assert hybrid_tasks("parametric", 2) == [False, False] and hybrid_tasks("hybrid", 2) == [True, True]
+    with pytest.raises(ValueError, match="mixed"):
+        hybrid_tasks("both", 2)
+    trainer = _trainer(tokenizer, tmp_path, steps=1)
+    tasks = fictional_tasks(0, NAMES[:2])
+    losses = {mode: meta_loss(trainer.model, tokenizer, trainer.space, trainer.phi, trainer.alpha, tasks,
+                              mode=mode, create_graph=False).item() for mode in ("parametric", "hybrid", "mixed")}
+    first = {mode: meta_loss(trainer.model, tokenizer, trainer.space, trainer.phi, trainer.alpha, tasks[:1],
+                             mode=mode, create_graph=False).item() for mode in ("parametric", "mixed")}
+    assert first["mixed"] == pytest.approx(first["parametric"])  # task 0 is parametric in mixed mode
+    assert losses["mixed"] != pytest.approx(losses["parametric"]) and losses["mixed"] != pytest.approx(losses["hybrid"])

@@ -1,0 +1,116 @@
+"""Evaluation: both settings, the controls, intervals, the collapse detector (tiny model)."""
+
+import json
+
+import pytest
+import torch
+
+from regrad_engine.data import DataError, eval_items, meta_examples
+from regrad_engine.evaluation import EvalRun, evaluate_systems, markdown_tables, summarize
+from regrad_engine.metrics import bootstrap_interval, top_answer_share
+from tests.conftest import DOCS, make_model, make_tokenizer
+
+
+def _write(root, rows_by_split, corpus):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    for split, rows in rows_by_split.items():
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    corpus = [{"id": k, "title": k, "text": v, "split": "test"} for k, v in DOCS.items()]
+    corpus.append({"id": "train-only", "title": "t", "text": "Nobody tests on this training passage.", "split": "train"})
+    rows = [
+        {"id": "q1", "source": "people", "question": "Where was Velmora Quistan born?", "answers": ["Lisbon"],
+         "gold_ids": ["velmora"], "distractor_ids": ["gredin", "fox"]},
+        {"id": "q2", "source": "people", "question": "What does Gredin Quibiku speak?", "answers": ["Japanese"],
+         "gold_ids": ["gredin"], "distractor_ids": ["velmora", "fudral"]},
+        {"id": "q3", "source": "places", "question": "Which river does Ailpelou lie on?", "answers": ["Yangtze"],
+         "gold_ids": ["ailpelou"], "distractor_ids": ["fudral", "fox"]},
+    ]
+    _write(tmp_path / "data", {"test": rows, "train": []}, corpus)
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from regrad_engine.checkpoint import MetaCheckpoint
+    from regrad_engine.lora import init_step_sizes
+    from regrad_engine.models import LoadedModel
+    from tests.conftest import make_space, random_phi
+
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, attn="sdpa", dtype=torch.float32)
+    space = make_space(model)
+    phi = {k: v.float() for k, v in random_phi(space).items()}
+    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 2.0), alpha_mode="tie", lora=space.spec(),
+                          base_model="tiny", base_fingerprint="f00")
+    model._regrad_space = space
+    return LoadedModel(model=model, tokenizer=tokenizer, name="tiny", fingerprint="f00"), meta
+
+
+def test_given_items_keep_the_gold_and_the_ranked_distractors(data_dir):
+    items = eval_items(data_dir, "test", k=2, seed=0)
+    assert [set(i.doc_ids) for i in items] == [{"velmora", "gredin"}, {"gredin", "velmora"}, {"ailpelou", "fudral"}]
+    assert [i.source for i in items] == ["people", "people", "places"]
+    assert [len(i.doc_ids) for i in eval_items(data_dir, "test", k=3)] == [3, 3, 3]
+    assert len(eval_items(data_dir, "test", k=3, limit=1)) == 2  # the first question of each set
+    tasks = meta_examples(data_dir, "test", k=2)
+    assert DOCS["velmora"] in tasks[0].passages and tasks[0].source == "people"
+
+
+def test_rows_that_name_no_documents_are_refused(tmp_path):
+    _write(tmp_path / "d", {"test": [{"question": "Who?", "answers": ["x"]}]}, [{"id": "a", "text": "b c"}])
+    with pytest.raises(DataError, match="names no documents"):
+        eval_items(tmp_path / "d", "test")
+
+
+@pytest.mark.parametrize("setting", ["given", "retrieval"])
+def test_every_system_answers_every_question(loaded, data_dir, setting):
+    model, meta = loaded
+    run = evaluate_systems(model, meta, data_dir, k=2, setting=setting, progress=False, log=lambda _: None,
+                           systems=("direct", "rag", "meta_lora", "format_control", "random_grads", "regrad",
+                                    "regrad_hybrid", "raw_gradients"))
+    assert all(len(p) == 3 for p in run.predictions.values())
+    used = {h.id for docs in run.documents for h in docs}
+    assert "train-only" not in used  # retrieval searches the test split's passages only
+    if setting == "retrieval":
+        assert run.gold_recall()[0] == 1.0  # BM25 finds Velmora's own passage
+    report = summarize(run)
+    assert set(report) == {"people", "places"}
+    assert set(report["people"]["systems"]) == {"majority"} | set(run.predictions)
+    assert "Format control" in markdown_tables(report, setting)
+
+
+def test_unknown_system_is_refused(loaded, data_dir):
+    model, meta = loaded
+    with pytest.raises(DataError, match="unknown system 'oracle'"):
+        evaluate_systems(model, meta, data_dir, systems=("oracle",), log=lambda _: None)
+
+
+def test_summary_exposes_collapse_and_the_majority_baseline():
+    from regrad_engine.data import EvalItem
+
+    items = [EvalItem(str(i), "q?", [a], ["d"], "d", "yesno") for i, a in enumerate(["yes"] * 6 + ["no"] * 4)]
+    run = EvalRun("given", items, [[] for _ in items], {"collapsed": ["Yes."] * 10, "perfect": ["yes"] * 6 + ["no"] * 4})
+    entry = summarize(run)["yesno"]
+    assert entry["majority_answer"] == "yes" and entry["majority_share"] == 0.6
+    assert entry["systems"]["majority"]["exact_match"]["mean"] == 0.6
+    assert entry["systems"]["collapsed"]["exact_match"]["mean"] == 0.6  # no better than always-"yes"
+    assert entry["systems"]["collapsed"]["top_answer_share"] == 1.0
+    assert entry["systems"]["perfect"]["top_answer_share"] == 0.6
+    low, high = entry["systems"]["collapsed"]["f1"]["low"], entry["systems"]["collapsed"]["f1"]["high"]
+    assert low < 0.6 < high
+
+
+def test_bootstrap_interval_is_seeded_and_narrows_with_more_data():
+    small = [1.0, 0.0] * 10
+    large = [1.0, 0.0] * 500
+    assert bootstrap_interval(small, seed=3) == bootstrap_interval(small, seed=3)
+    low, high = bootstrap_interval(small)
+    low2, high2 = bootstrap_interval(large)
+    assert low < 0.5 < high and low2 < 0.5 < high2 and (high2 - low2) < (high - low) / 3
+    assert bootstrap_interval([1.0] * 5) == (1.0, 1.0)
+    assert top_answer_share(["Paris.", "paris", "Rome"]) == ("paris", 2 / 3)
