@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
-GENERAL_META = CHECKPOINTS / "smollm2-135m-synth"
+GENERAL_META = CHECKPOINTS / "smollm2-135m-general"  # meta-trained on the real QA mix (`regrad data`)
+FALLBACK_META = CHECKPOINTS / "smollm2-135m-synth"  # synthetic facts only
 EVAL_SYSTEMS = ("direct", "rag", "regrad", "regrad_hybrid")
 
 
@@ -21,7 +22,7 @@ def rel(path: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_meta: Path, name: str) -> None:
     parser.add_argument("--meta", default=None,
-                        help=f"meta checkpoint (default: {rel(default_meta)}, else the general {rel(GENERAL_META)})")
+                        help=f"meta checkpoint (default: {rel(default_meta)}, else {rel(FALLBACK_META)})")
     parser.add_argument("--model", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "examples" / name),
                         help="where the data directory and the store are written")
@@ -35,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_meta: Path, name: 
 
 
 def resolve_meta(requested: str | None, default: Path, train_hint: str) -> Path | None:
-    """The checkpoint to use: --meta, else the domain one, else (with a note) the general one.
-    A training output directory is accepted too (its ``best/`` is used)."""
+    """The checkpoint to use: --meta, else the default one, else (with a note) the synthetic
+    one. A training output directory is accepted too (its ``best/`` is used)."""
     def usable(path: Path) -> Path | None:
         for candidate in (path, path / "best"):
             if (candidate / "manifest.json").exists():
@@ -51,14 +52,43 @@ def resolve_meta(requested: str | None, default: Path, train_hint: str) -> Path 
     found = usable(default)
     if found is not None:
         return found
-    print(f"note: no domain meta checkpoint at {rel(default)}; make it with\n{train_hint}")
-    found = usable(GENERAL_META)
+    print(f"note: no meta checkpoint at {rel(default)}; make it with\n{train_hint}")
+    found = usable(FALLBACK_META)
     if found is None:
-        print(f"error: no general meta checkpoint at {rel(GENERAL_META)} either: pass --meta DIR")
+        print(f"error: no synthetic meta checkpoint at {rel(FALLBACK_META)} either: pass --meta DIR")
         return None
-    print(f"note: falling back to the general checkpoint {rel(GENERAL_META)} "
-          "(meta-trained on synthetic data only: expect weaker answers than with the domain checkpoint)\n")
+    print(f"note: falling back to {rel(FALLBACK_META)} "
+          "(meta-trained on synthetic facts only: expect weaker answers on real questions)\n")
     return found
+
+
+def write_data(data_dir: Path, sources: Sequence[str]) -> dict:
+    """The held-out sets of these sources, exactly as split in the general meta-training mix
+    (`regrad data`): the checkpoint never saw a test passage or question."""
+    from regrad_engine.datasets.general import build_general
+
+    info = build_general(data_dir, sources=sources, log=lambda _: None)
+    for source in sources:
+        kept = info["sources"][source]
+        print(f"{source} data in {rel(data_dir)}: {kept['train']}/{kept['dev']}/{kept['test']} train/dev/test "
+              "questions (split by source document, as in the general meta-training mix)")
+    return info
+
+
+def held_out_documents(data_dir: Path, max_docs: int | None) -> list[dict]:
+    """The test split's passages, the gold passages of its questions first (so a small
+    ``--max-docs`` store still answers questions), at most ``max_docs``."""
+    from regrad_engine.datasets.converters import split_documents
+
+    gold = {g for q in read_split(data_dir, "test") for g in q["gold_ids"]}
+    docs = split_documents(data_dir, "test")
+    return sorted(docs, key=lambda d: d["id"] not in gold)[:max_docs]
+
+
+def stored_questions(data_dir: Path, stored: set[str], source: str | None = None) -> list[dict]:
+    """Test questions whose gold passages are all in the store."""
+    return [q for q in read_split(data_dir, "test")
+            if set(q["gold_ids"]) <= stored and (source is None or q["source"] == source)]
 
 
 def load(args):
@@ -106,8 +136,9 @@ def print_answer(question: dict, answers: dict[str, str], documents: Sequence[tu
         mark = "OK " if exact_match(text, question["answers"]) else "   "
         print(f"   {mark}ReGrad {mode:<10s}: {first_line(text)}")  # the line that is scored
     print("   documents used:")
+    gold_ids = set(question.get("gold_ids") or [question.get("doc_id")])
     for doc_id, text in documents:
-        flag = " (gold)" if chunk_source(doc_id) == question["doc_id"] else ""
+        flag = " (gold)" if doc_id in gold_ids or chunk_source(doc_id) in gold_ids else ""
         print(f"     {doc_id}{flag}: {' '.join(text.split())[:80]}")
     print()
 
@@ -117,20 +148,17 @@ def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title:
     from regrad_engine.checkpoint import MetaCheckpoint
     from regrad_engine.evaluation import evaluate_systems, markdown_table, overall_scores
 
-    print(f"held-out accuracy, {title}: first {limit} test questions, gold document among {k - 1} "
-          "distractors from the test split (regrad_engine.evaluation)", flush=True)
+    print(f"held-out accuracy, {title}: first {limit} test questions, gold passage among BM25 hard negatives "
+          "from the test split, k={k} (regrad_engine.evaluation)", flush=True)
     scores = overall_scores(evaluate_systems(model, MetaCheckpoint.load(meta), data_dir, split="test", k=k,
                                              limit=limit, systems=EVAL_SYSTEMS, progress=False, log=lambda _: None))
     print(markdown_table(scores) + "\n")
     return {name: s.as_dict() for name, s in scores.items()}
 
 
-TRAIN_STEPS = 40  # what the shipped domain checkpoints were trained with (see examples/README.md)
-
-
-def train_command(dataset: str, data_dir: str, run: str, checkpoint: str) -> str:
-    """The exact commands that make a domain checkpoint, continued from the general one."""
-    return (f"  python examples/datasets.py {dataset} --out {data_dir}\n"
-            f"  regrad train --data {data_dir} --out {run} --init-from checkpoints/smollm2-135m-synth "
-            f"--steps {TRAIN_STEPS} --tasks-per-step 2 --eval-every 20 --dev-size 16\n"
-            f"  cp -r {run}/best checkpoints/{checkpoint}")
+def train_command() -> str:
+    """The exact commands that make the general checkpoint (see its README)."""
+    return ("  regrad data --out runs/general\n"
+            "  regrad train --data runs/general --out runs/meta-general --init-from checkpoints/smollm2-135m-synth "
+            "--mode mixed --steps 240 --tasks-per-step 4 --eval-every 40 --dev-size 32 --lr 1e-3 --alpha-lr 0.05\n"
+            "  cp -r runs/meta-general/best checkpoints/smollm2-135m-general")

@@ -6,9 +6,9 @@ One command on a CPU:
 
 1. writes two data directories under runs/examples/legal/data: ``cuad`` (contract clauses:
    governing law, parties, dates; split by contract) and ``policyqa`` (privacy-policy
-   paragraphs; split by policy);
-2. builds one ReGrad store (BM25 index + Gradient Bank) over the *test* documents of both,
-   with the legal meta checkpoint (checkpoints/smollm2-135m-legal; without it, the general
+   paragraphs; split by policy), exactly as split in the general meta-training mix;
+2. builds one ReGrad store (BM25 index + Gradient Bank) over the *test* passages of both,
+   with the general meta checkpoint (checkpoints/smollm2-135m-general; without it, the
    synthetic one);
 3. answers a few held-out questions with ``ReGradQueryEngine`` in both modes: ``parametric``
    (the retrieved documents' gradients only, the prompt holds just the question) and
@@ -28,11 +28,11 @@ if __package__ in (None, ""):  # run as a script: import the examples as a packa
     _root = Path(__file__).resolve().parents[1]
     sys.path[:] = [str(_root)] + [p for p in sys.path if Path(p or ".").resolve() != _root / "examples"]
 
-from examples import _common, datasets  # noqa: E402
+from examples import _common  # noqa: E402
 
-DEFAULT_META = _common.CHECKPOINTS / "smollm2-135m-legal"
-TRAIN_COMMAND = _common.train_command("legal", "runs/examples/legal/data/legal", "runs/meta-legal", "smollm2-135m-legal")
-SETS = (("CUAD", "cuad", datasets.cuad), ("PolicyQA", "policyqa", datasets.policyqa))
+DEFAULT_META = _common.GENERAL_META
+TRAIN_COMMAND = _common.train_command()
+SETS = (("CUAD", "cuad"), ("PolicyQA", "policyqa"))
 
 
 def pick_questions(rows: list[dict], n: int, key) -> list[dict]:
@@ -56,14 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     documents, asked = [], []
-    for number, (title, name, convert) in enumerate(SETS):
+    for number, (title, name) in enumerate(SETS):
         data_dir = workdir / "data" / name
-        counts = convert(data_dir)
-        print(f"{title} data in {data_dir}: {counts['train_questions']}/{counts['dev_questions']}/"
-              f"{counts['test_questions']} train/dev/test questions")
-        docs = datasets.split_documents(data_dir, "test")[:args.max_docs]
+        _common.write_data(data_dir, (name,))
+        docs = _common.held_out_documents(data_dir, args.max_docs)
         stored = {d["id"] for d in docs}
-        rows = [q for q in _common.read_split(data_dir, "test") if q["doc_id"] in stored]
+        rows = _common.stored_questions(data_dir, stored)
         share = (args.questions + 1 - number) // 2  # CUAD gets the odd one
         asked += pick_questions(rows, share, key=lambda row: row["id"].split("-", 1)[-1] if name == "cuad" else "")
         documents += docs
@@ -83,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              [(n.node_id, n.get_content()) for n in nodes])
 
     if args.limit:
-        for title, name, _ in SETS:
+        for title, name in SETS:
             _common.score_table(model, meta, workdir / "data" / name, limit=args.limit, k=args.k, title=title)
     return 0
 

@@ -4,11 +4,12 @@ One command on a CPU:
 
     python examples/medical_bot.py                  # --questions 4 --limit 100
 
-1. writes the PubMedQA data directory (runs/examples/medical/data; split by abstract, the
-   test split is the first 100 questions of the official PubMedQA test set);
-2. builds a ReGrad store (BM25 index + Gradient Bank) over the *test* abstracts only, with
-   the PubMedQA meta checkpoint (checkpoints/smollm2-135m-pubmedqa; without it, the general
-   synthetic one);
+1. writes the PubMedQA data directory (runs/examples/medical/data): PubMedQA exactly as split
+   in the general meta-training mix (`regrad data`; test = a seeded sample of 200 official
+   test questions, never trained on);
+2. builds a ReGrad store (BM25 index + Gradient Bank) over the *test* passages only, with
+   the general meta checkpoint (checkpoints/smollm2-135m-general; without it, the synthetic
+   one);
 3. answers a few held-out questions with the usual LangChain chain
    ``{"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm``,
    once with ``llm.bind(mode="parametric")`` (the documents' gradients only: their text is cut
@@ -27,10 +28,10 @@ if __package__ in (None, ""):  # run as a script: import the examples as a packa
     _root = Path(__file__).resolve().parents[1]
     sys.path[:] = [str(_root)] + [p for p in sys.path if Path(p or ".").resolve() != _root / "examples"]
 
-from examples import _common, datasets  # noqa: E402
+from examples import _common  # noqa: E402
 
-DEFAULT_META = _common.CHECKPOINTS / "smollm2-135m-pubmedqa"
-TRAIN_COMMAND = _common.train_command("pubmedqa", "runs/examples/medical/data", "runs/meta-pubmedqa", "smollm2-135m-pubmedqa")
+DEFAULT_META = _common.GENERAL_META
+TRAIN_COMMAND = _common.train_command()
 
 # The chain's prompt: the wording ReGrad was meta-trained with (passages, then the question).
 PROMPT = "Context:\n{context}\n\nQuestion: {question}\nAnswer with a short phrase only."
@@ -62,19 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     data_dir = workdir / "data"
-    counts = datasets.pubmedqa(data_dir)
-    print(f"PubMedQA data in {data_dir}: {counts['train_questions']}/{counts['dev_questions']}/"
-          f"{counts['test_questions']} train/dev/test questions (split by abstract)")
+    _common.write_data(data_dir, ("pubmedqa",))
     meta = _common.resolve_meta(args.meta, DEFAULT_META, TRAIN_COMMAND)
     if meta is None:
         return 2
     print(f"meta checkpoint: {meta}", flush=True)
     model = _common.load(args)
 
-    documents = datasets.split_documents(data_dir, "test")[:args.max_docs]
+    documents = _common.held_out_documents(data_dir, args.max_docs)
     engine = _common.open_held_out_store(workdir, documents, model, meta, k=args.k)
     stored = {d["id"] for d in documents}
-    asked = [q for q in _common.read_split(data_dir, "test") if q["doc_id"] in stored][:args.questions]
+    asked = _common.stored_questions(data_dir, stored)[:args.questions]
 
     llm, retriever = regrad_langchain(engine, k=args.k)
     questions = [q["question"] for q in asked]

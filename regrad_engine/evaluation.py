@@ -11,7 +11,8 @@ Systems (greedy, same prompts and the same k documents per question):
     meta_lora       meta-learned phi, no document gradients, no passages
     format_control  meta-learned phi, the k passages in the prompt, no gradients: what the
                     LoRA teaches about answer form (hybrid must beat it to claim knowledge)
-    random_grads    meta-learned phi + the gradients of k random test passages
+    random_grads    meta-learned phi + the gradients of k random passages (drawn from the
+                    documents of the run's other questions)
     regrad          meta-learned phi + the k passages' gradients (parametric)
     regrad_hybrid   ReGrad + the k passages in the prompt
     raw_gradients   (on request) gradients taken at a fresh LoRA, same alpha
@@ -96,10 +97,12 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     docs = load_documents(data_dir)
     if setting == "given":
         documents = [[Hit(d, docs[d]["text"], 0.0) for d in item.doc_ids] for item in items]
-        pool = sorted({d for item in items for d in item.doc_ids})
     else:
-        pool = sorted(d for d, row in docs.items() if row.get("split", split) == split)
-        documents = _retrieve(docs, pool, [item.question for item in items], k)
+        searched = sorted(d for d, row in docs.items() if row.get("split", split) == split)
+        documents = _retrieve(docs, searched, [item.question for item in items], k)
+    # random passages come from the other questions' documents: test passages whose
+    # gradients are computed anyway
+    pool = sorted({h.id for d in documents for h in d})
     rng = random.Random(seed + 7)
     random_docs = [[Hit(d, docs[d]["text"], 0.0) for d in rng.sample(pool, min(k, len(pool)))] for _ in items]
     run = EvalRun(setting, items, documents)

@@ -188,10 +188,11 @@ def _slug(text: str) -> str:
 # --------------------------------------------------------------------------- passages
 def passages(doc_id: str, text: str, max_words: int) -> list[tuple[str, str]]:
     """A document as consecutive passages of at most ``max_words`` words:
-    [(id, text)], ids ``doc_id`` (one passage) or ``doc_id#i``."""
+    [(id, text)], ids ``doc_id`` (one passage) or ``doc_id~i`` (``#i`` is kept for the
+    chunks a store cuts from a document)."""
     words = text.split()
     pieces = [" ".join(words[i:i + max_words]) for i in range(0, max(1, len(words)), max_words)]
-    return [(doc_id, pieces[0])] if len(pieces) == 1 else [(f"{doc_id}#{i}", p) for i, p in enumerate(pieces)]
+    return [(doc_id, pieces[0])] if len(pieces) == 1 else [(f"{doc_id}~{i}", p) for i, p in enumerate(pieces)]
 
 
 def _holds(text: str, answers: Sequence[str]) -> bool:

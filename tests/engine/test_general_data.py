@@ -83,7 +83,7 @@ def test_the_same_seed_gives_the_same_mix(mix, tmp_path):
 
 def test_passages_are_cut_to_the_word_limit():
     pieces = passages("d", " ".join(f"w{i}" for i in range(250)), 120)
-    assert [p[0] for p in pieces] == ["d#0", "d#1", "d#2"] and [len(p[1].split()) for p in pieces] == [120, 120, 10]
+    assert [p[0] for p in pieces] == ["d~0", "d~1", "d~2"] and [len(p[1].split()) for p in pieces] == [120, 120, 10]
     assert passages("d", "short text", 120) == [("d", "short text")]
 
 

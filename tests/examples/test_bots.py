@@ -93,9 +93,9 @@ def test_missing_checkpoint_prints_the_train_command(tmp_path, capsys, monkeypat
     _needs("regrad_integrations.langchain")
     from examples import _common, medical_bot
 
-    monkeypatch.setattr(_common, "GENERAL_META", tmp_path / "no-general")
-    monkeypatch.setattr(medical_bot, "DEFAULT_META", tmp_path / "no-domain")
+    monkeypatch.setattr(_common, "FALLBACK_META", tmp_path / "no-synthetic")
+    monkeypatch.setattr(medical_bot, "DEFAULT_META", tmp_path / "no-general")
     assert medical_bot.main(["--workdir", str(tmp_path)]) == 2
     out = capsys.readouterr().out
-    assert "regrad train --data runs/examples/medical/data" in out and "--init-from checkpoints/smollm2-135m-synth" in out
-    assert "no general meta checkpoint" in out
+    assert "regrad data --out runs/general" in out and "--init-from checkpoints/smollm2-135m-synth --mode mixed" in out
+    assert "no synthetic meta checkpoint" in out
