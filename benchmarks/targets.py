@@ -1,0 +1,85 @@
+"""Check the real-question targets (issue: real knowledge through gradients) against
+`regrad eval --out` JSON files, and print one line per target per set.
+
+    python benchmarks/targets.py --given benchmarks/results/general_given_cpu.json \
+        --retrieval benchmarks/results/general_retrieval_cpu.json
+
+Targets (F1 = token F1, EM = exact match, both means over the set's questions):
+    parametric > random   ReGrad parametric F1 >= random passages' gradients F1 + 0.10 (open-answer sets)
+    hybrid > RAG          ReGrad hybrid F1 >= RAG F1 + 0.05, and >= the format control's F1 (every set)
+    labels                PubMedQA: ReGrad EM above the majority answer, its 95% interval excluding it
+    no collapse           no system's most frequent answer covers more than 50% of an open-answer set
+    retrieval             ReGrad hybrid F1 >= RAG F1 in the retrieval setting (every set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+LABEL_SETS = {"pubmedqa"}
+
+
+def _f1(entry: dict, system: str) -> float:
+    return entry["systems"][system]["f1"]["mean"]
+
+
+def check_given(report: dict[str, dict]) -> list[tuple[str, str, bool, str]]:
+    rows = []
+    for name, entry in report.items():
+        systems = entry["systems"]
+        if name not in LABEL_SETS and {"regrad", "random_grads"} <= set(systems):
+            gap = _f1(entry, "regrad") - _f1(entry, "random_grads")
+            rows.append((name, "parametric F1 >= random + 0.10", gap >= 0.10,
+                         f"{_f1(entry, 'regrad'):.3f} vs {_f1(entry, 'random_grads'):.3f} ({gap:+.3f})"))
+        if {"regrad_hybrid", "rag", "format_control"} <= set(systems):
+            hybrid, rag, control = (_f1(entry, s) for s in ("regrad_hybrid", "rag", "format_control"))
+            rows.append((name, "hybrid F1 >= RAG + 0.05 and >= format control",
+                         hybrid >= rag + 0.05 and hybrid >= control,
+                         f"hybrid {hybrid:.3f}, RAG {rag:.3f}, format control {control:.3f}"))
+        if name in LABEL_SETS and "regrad" in systems:
+            em = systems["regrad"]["exact_match"]
+            rows.append((name, "EM above majority, interval excludes it", em["low"] > entry["majority_share"],
+                         f"ReGrad EM {em['mean']:.3f} [{em['low']:.2f}, {em['high']:.2f}] vs majority "
+                         f"{entry['majority_share']:.3f}"))
+        if name not in LABEL_SETS:
+            worst = max((s for s in systems if s != "majority"), key=lambda s: systems[s]["top_answer_share"])
+            share = systems[worst]["top_answer_share"]
+            rows.append((name, "no top answer over 50%", share <= 0.5,
+                         f"highest: {worst} {share:.2f} ({systems[worst]['top_answer']!r})"))
+    return rows
+
+
+def check_retrieval(report: dict[str, dict]) -> list[tuple[str, str, bool, str]]:
+    rows = []
+    for name, entry in report.items():
+        if {"regrad_hybrid", "rag"} <= set(entry["systems"]):
+            hybrid, rag = _f1(entry, "regrad_hybrid"), _f1(entry, "rag")
+            rows.append((name, "retrieval: hybrid F1 >= RAG", hybrid >= rag,
+                         f"hybrid {hybrid:.3f}, RAG {rag:.3f} (gold in top-k {entry['gold_recall']:.0%})"))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--given", help="regrad eval --setting given JSON")
+    parser.add_argument("--retrieval", help="regrad eval --setting retrieval JSON")
+    args = parser.parse_args(argv)
+    rows = []
+    if args.given:
+        rows += check_given(json.load(open(args.given, encoding="utf-8"))["report"])
+    if args.retrieval:
+        rows += check_retrieval(json.load(open(args.retrieval, encoding="utf-8"))["report"])
+    if not rows:
+        parser.error("pass --given and/or --retrieval")
+    print("| set | target | met | measured |\n|---|---|---|---|")
+    for name, target, met, measured in rows:
+        print(f"| {name} | {target} | {'yes' if met else '**no**'} | {measured} |")
+    print(f"\n{sum(r[2] for r in rows)} of {len(rows)} targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
