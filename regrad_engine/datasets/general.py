@@ -69,31 +69,29 @@ def _norm(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- readers
-def read_squad() -> SourceSet:
-    data = json.loads(_source("general", "squad2_devhalf", "dev-v2.0.json").read_text(encoding="utf-8"))["data"]
-    out = SourceSet("squad")
+def _read_squad_format(name: str, *parts: str) -> SourceSet:
+    """A SQuAD-format file: one group per article (SQuAD) or policy (PolicyQA), one document
+    per paragraph, answerable questions only."""
+    data = json.loads(_source(*parts).read_text(encoding="utf-8"))["data"]
+    out = SourceSet(name)
     for article in data:
         group = article["title"]
         for i, paragraph in enumerate(article["paragraphs"]):
-            doc_id = f"squad:{_slug(group)}-p{i}"
+            doc_id = f"{name}:{_slug(group)}-p{i}"
             out.add_doc(group, doc_id, group.replace("_", " "), paragraph["context"])
             for qa in paragraph["qas"]:
-                if not qa.get("is_impossible") and qa.get("answers"):
-                    out.add_question(group, qa["id"], qa["question"], [a["text"] for a in qa["answers"]], [doc_id])
+                if not qa.get("is_impossible"):
+                    out.add_question(group, qa["id"], qa["question"], [a["text"] for a in qa.get("answers", [])],
+                                     [doc_id])
     return out
+
+
+def read_squad() -> SourceSet:
+    return _read_squad_format("squad", "general", "squad2_devhalf", "dev-v2.0.json")
 
 
 def read_policyqa() -> SourceSet:
-    data = json.loads(_source("legal", "policyqa", "dev.json").read_text(encoding="utf-8"))["data"]
-    out = SourceSet("policyqa")
-    for policy in data:
-        group = policy["title"]
-        for i, paragraph in enumerate(policy["paragraphs"]):
-            doc_id = f"policyqa:{_slug(group)}-p{i}"
-            out.add_doc(group, doc_id, group, paragraph["context"])
-            for qa in paragraph["qas"]:
-                out.add_question(group, qa["id"], qa["question"], [a["text"] for a in qa.get("answers", [])], [doc_id])
-    return out
+    return _read_squad_format("policyqa", "legal", "policyqa", "dev.json")
 
 
 def read_pubmedqa() -> SourceSet:
