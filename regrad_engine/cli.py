@@ -1,12 +1,12 @@
 """The ``regrad`` command line: one subcommand per job; heavy imports inside each job.
 
-    regrad synth  --out data/synth                      # seeded synthetic QA corpus
     regrad data   --out data/general                    # real QA sets of ../shared/data, pooled
-    regrad train  --data data/synth --out runs/meta     # stage 1: meta-learning
-    regrad build  --corpus docs.jsonl --meta runs/meta/best --bank runs/bank
+    regrad synth  --out data/synth                      # seeded synthetic QA corpus
+    regrad train  --data data/general --out runs/meta --mode mixed   # stage 1: meta-learning
+    regrad build  --corpus docs.jsonl --meta runs/meta/best --store runs/store
     regrad build  --elasticsearch URL --index docs --meta runs/meta/best --store runs/es  # an existing index
-    regrad ask    --bank runs/bank "Where was X born?"
-    regrad eval   --data data/synth --meta runs/meta/best
+    regrad ask    --store runs/store "Where was X born?"
+    regrad eval   --data data/general --meta runs/meta/best [--setting retrieval]
     regrad demo                                         # everything, on the embedded model
 """
 
@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--limit", type=int, default=None, help="first N questions of each set (source) only")
     p.add_argument("--systems", default=None,
-                   help="comma-separated subset of direct,rag,meta_lora,format_control,random_grads,regrad,"
-                        "regrad_hybrid,raw_gradients (default: all but raw_gradients)")
+                   help="comma-separated subset of direct,rag,meta_lora,format_control,random_grads,"
+                        "raw_gradients,regrad,regrad_hybrid (default: all)")
     p.add_argument("--setting", default="given", choices=["given", "retrieval"],
                    help="given: each question's gold among hard negatives; retrieval: BM25 top-k over every "
                         "passage of the split")

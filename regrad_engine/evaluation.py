@@ -15,7 +15,7 @@ Systems (greedy, same prompts and the same k documents per question):
                     documents of the run's other questions)
     regrad          meta-learned phi + the k passages' gradients (parametric)
     regrad_hybrid   ReGrad + the k passages in the prompt
-    raw_gradients   (on request) gradients taken at a fresh LoRA, same alpha
+    raw_gradients   gradients taken at a fresh LoRA (no meta-learning), same alpha
 
 Every set (the ``source`` of a question) gets its own table: EM, token F1 and
 answer-contained with 95% bootstrap intervals, the share of each system's most frequent
@@ -46,8 +46,9 @@ from regrad_engine.models import LoadedModel
 from regrad_engine.pipeline import add_gradients
 from regrad_engine.retrieval import BM25Index, Hit
 
-SYSTEMS = ("direct", "rag", "meta_lora", "format_control", "random_grads", "regrad", "regrad_hybrid")
-ALL_SYSTEMS = SYSTEMS + ("raw_gradients",)
+SYSTEMS = ("direct", "rag", "meta_lora", "format_control", "random_grads", "raw_gradients", "regrad",
+           "regrad_hybrid")
+ALL_SYSTEMS = SYSTEMS
 SETTINGS = ("given", "retrieval")
 LABELS = {
     "direct": "Base model (direct)",

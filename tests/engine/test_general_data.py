@@ -93,3 +93,18 @@ def test_cli_writes_the_directory_and_refuses_unknown_sources(tmp_path, capsys):
     assert {r["source"] for r in _read(tmp_path / "d" / "test.jsonl")} == {"popqa", "squad"}
     assert main(["data", "--out", str(tmp_path / "e"), "--sources", "wiki"]) == 2
     assert "unknown source 'wiki'" in capsys.readouterr().err
+
+
+def test_synthetic_questions_join_train_and_dev_at_the_asked_share(tmp_path):
+    info = build_general(tmp_path, sources=("popqa",), test_questions=20, dev_questions=10, train_questions=60,
+                         synthetic_share=0.25, log=lambda _: None)
+    rows = {s: _read(tmp_path / f"{s}.jsonl") for s in SPLITS}
+    corpus = {d["id"]: d for d in _read(tmp_path / "corpus.jsonl")}
+    for split in ("train", "dev"):
+        synthetic = [r for r in rows[split] if r["source"] == "synthetic"]
+        assert len(synthetic) == info["sources"]["synthetic"][split]
+        assert len(synthetic) / len(rows[split]) == pytest.approx(0.25, abs=0.03)
+        assert all(corpus[g]["split"] == split for r in synthetic for g in r["gold_ids"] + r["distractor_ids"])
+    assert not [r for r in rows["test"] if r["source"] == "synthetic"]
+    with pytest.raises(ValueError, match="synthetic_share"):
+        build_general(tmp_path, synthetic_share=1.0, log=lambda _: None)
