@@ -120,3 +120,26 @@ def make_engine(tokenizer, root, model=None):
     bank = GradientBank.create(root / "bank", binding={"m": "tiny"}, shapes=space.shapes, storage_dtype="fp32")
     add_gradients(model, tokenizer, space, phi, [c for c in chunks if c.id in IN_BANK], bank, progress=False)
     return ReGrad(model, tokenizer, space, meta, retriever=index, bank=bank, k=2, max_new_tokens=6)
+
+
+class ScriptedLogits:
+    """Logits processor that forces the tokens of ``script``, one per step, then eos."""
+
+    def __init__(self, script, eos):
+        self.script, self.eos, self.step = list(script), eos, 0
+
+    def __call__(self, input_ids, scores):
+        wanted = self.script[self.step] if self.step < len(self.script) else self.eos
+        self.step += 1
+        forced = torch.full_like(scores, -1e9)
+        forced[:, wanted] = 0.0
+        return forced
+
+
+def runaway_turn(tokenizer):
+    """A model that opens a new turn instead of closing its own: 'yes<|im_start|>system yes'."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    script = ids("yes") + [tokenizer.convert_tokens_to_ids("<|im_start|>")] + ids("system") + ids("yes")
+    return ScriptedLogits(script, tokenizer.eos_token_id)

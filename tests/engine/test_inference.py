@@ -8,7 +8,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from regrad_engine.errors import RequestError
 from regrad_engine.models import parameter_hash
 from regrad_engine.retrieval import Hit
-from tests.conftest import DOCS, make_engine
+from tests.conftest import DOCS, make_engine, runaway_turn
 
 QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
              "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
@@ -107,20 +107,6 @@ def test_no_drift_after_100_mixed_requests_and_threads_get_their_own_answers(eng
     assert parameter_hash(engine.model.named_parameters()) == model_hash
 
 
-class _Script:
-    """Logits processor forcing the tokens of `script`, one per step (then eos)."""
-
-    def __init__(self, script, eos):
-        self.script, self.eos, self.step = list(script), eos, 0
-
-    def __call__(self, input_ids, scores):
-        wanted = self.script[self.step] if self.step < len(self.script) else self.eos
-        self.step += 1
-        forced = torch.full_like(scores, -1e9)
-        forced[:, wanted] = 0.0
-        return forced
-
-
 def test_turn_markers_are_the_template_special_tokens(tokenizer):
     from regrad_engine.prompts import turn_marker_ids
 
@@ -135,11 +121,8 @@ def test_an_answer_ends_at_a_start_of_turn_marker(engine, path):
     answers just 'yes', in every generation path."""
     from transformers import LogitsProcessorList
 
-    tok = engine.tokenizer
-    yes, system = tok("yes", add_special_tokens=False)["input_ids"], tok("system", add_special_tokens=False)["input_ids"]
-    script = yes + [tok.convert_tokens_to_ids("<|im_start|>")] + system + yes
     docs = [Hit("velmora", DOCS["velmora"], 0.0)]
-    kwargs = {"logits_processor": LogitsProcessorList([_Script(script, tok.eos_token_id)]), "max_new_tokens": 12}
+    kwargs = {"logits_processor": LogitsProcessorList([runaway_turn(engine.tokenizer)]), "max_new_tokens": 12}
     if path == "answer_batch":
         text = engine.answer_batch(["Where?"], documents=[docs], **kwargs)[0].text
     elif path == "complete_batch":

@@ -195,6 +195,21 @@ def test_stop_sequences_cut_invoke_and_stream_alike(pair):
     assert rag_chain(retriever, llm.bind(stop=["never-generated"])).invoke(question) == full
 
 
+def test_an_answer_ends_at_a_start_of_turn_marker(pair):
+    from transformers import LogitsProcessorList
+
+    from tests.conftest import runaway_turn
+
+    llm, retriever = pair
+    chain = rag_chain(retriever, llm)
+    tokenizer = llm.engine.tokenizer
+    assert chain.invoke(QUESTIONS[0], config={}) != "yes"  # the forced script is what makes it 'yes'
+    forced = rag_chain(retriever, llm.bind(logits_processor=LogitsProcessorList([runaway_turn(tokenizer)])))
+    assert forced.invoke(QUESTIONS[0]) == "yes"
+    streamed = rag_chain(retriever, llm.bind(logits_processor=LogitsProcessorList([runaway_turn(tokenizer)])))
+    assert "".join(streamed.stream(QUESTIONS[0])) == "yes"
+
+
 @pytest.mark.parametrize("pieces, stop, expected", [
     (["  Hel", "lo wo", "rld  ", "\n"], None, "Hello world"),
     (["Hel", "lo ", "ST", "OP", " more"], ["STOP"], "Hello"),
