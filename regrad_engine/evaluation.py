@@ -112,7 +112,7 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
 
     meta.check_base(model.fingerprint, model.name)
     space = getattr(model.model, "_regrad_space", None) or LoraSpace(model.model, lora_config_from_dict(meta.lora))
-    needed = {h.id: h.text for d in documents + random_docs for h in d}
+    needed = {h.id: h.text for d in documents for h in d}  # random_docs are drawn from these
     chunks = [Chunk(id=d, text=t, source_id=d, index=0) for d, t in sorted(needed.items())]
     with tempfile.TemporaryDirectory() as tmp:
         def engine(name: str, ckpt: MetaCheckpoint) -> ReGrad:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regrad_engine.datasets.converters import (
-    SPLITS, DatasetError, _source, cuad_contract_text, cuad_items, shared_data_dir,
+    SPLITS, DatasetError, _clean, _norm, _slug, _source, cuad_contract_text, cuad_items, shared_data_dir,
 )
 
 SOURCES = ("squad", "hotpotqa", "popqa", "pubmedqa", "policyqa", "cuad")
@@ -54,18 +54,10 @@ class SourceSet:
             docs.append((doc_id, title, _clean(text)))
 
     def add_question(self, group: str, qid: str, question: str, answers: Sequence[str], gold: Sequence[str]) -> None:
-        answers = [a for a in dict.fromkeys(_clean(a) for a in answers) if a]
+        answers = [a for a in dict.fromkeys(_clean(str(a)) for a in answers) if a]
         if answers and question.strip():
             self.questions.setdefault(group, []).append(
                 {"id": f"{self.name}:{qid}", "question": _clean(question), "answers": answers, "gold_docs": list(gold)})
-
-
-def _clean(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
 # --------------------------------------------------------------------------- readers
@@ -177,10 +169,6 @@ READERS: dict[str, Callable[[], SourceSet]] = {
     "squad": read_squad, "hotpotqa": read_hotpotqa, "popqa": read_popqa,
     "pubmedqa": read_pubmedqa, "policyqa": read_policyqa, "cuad": read_cuad,
 }
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:80]
 
 
 # --------------------------------------------------------------------------- passages
@@ -388,11 +376,10 @@ def _add_distractors(corpus: list[dict], rows: dict[str, list[dict]], n: int, se
         rng = random.Random(f"{seed}:distractors:{split}")
         for row, found in zip(rows[split], hits):
             gold = set(row["gold_ids"])
-            answers = [] if row["source"] in LABEL_SOURCES else [_norm(a) for a in row["answers"] if _norm(a)]
+            answers = [] if row["source"] in LABEL_SOURCES else row["answers"]
 
             def usable(doc_id: str) -> bool:
-                padded = f" {_norm(text[doc_id])} "
-                return doc_id not in gold and not any(f" {a} " in padded for a in answers)
+                return doc_id not in gold and not _holds(text[doc_id], answers)
 
             chosen = [h.id for h in found if usable(h.id)][:n]
             for _ in range(100 * n):  # bounded: a tiny split may hold too few usable passages
