@@ -1,6 +1,6 @@
 """Latency, cost and throughput of ReGrad against direct generation and RAG, in one run.
 
-    python benchmarks/latency.py [--meta checkpoints/smollm2-135m-synth] [--device cuda] [--repeats 5]
+    python benchmarks/latency.py [--meta regrad_engine/checkpoints/smollm2-135m-synth] [--device cuda] [--repeats 5]
 
 Documents are ~200-token chunks of SQuAD 2.0 paragraphs from ../shared/data (as in the
 paper's setting of ~200-token passages). Every generation is forced to the same length
@@ -52,7 +52,7 @@ def squad_passages_and_questions(limit: int, path: Path = SQUAD):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--meta", default=str(ROOT / "checkpoints" / "smollm2-135m-synth"))
+    parser.add_argument("--meta", default=str(ROOT / "regrad_engine" / "checkpoints" / "smollm2-135m-synth"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
     from regrad_engine.chunking import chunk_documents
     from regrad_engine.models import load_model
-    from regrad_engine.pipeline import build_store, open_engine
+    from regrad_engine.store import build_store, open_engine
 
     device = torch.device(args.device)
     model = load_model(device=device, dtype=getattr(torch, args.dtype))

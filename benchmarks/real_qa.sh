@@ -5,7 +5,7 @@
 #   bash benchmarks/real_qa.sh [CHECKPOINT] [LIMIT] [RETRIEVAL_LIMIT] [TAG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-META="${1:-checkpoints/smollm2-135m-general}"
+META="${1:-regrad_engine/checkpoints/smollm2-135m-general}"
 LIMIT="${2:-200}"
 RLIMIT="${3:-$LIMIT}"
 TAG="${4:-cpu}"

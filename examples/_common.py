@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS = ROOT / "checkpoints"
+CHECKPOINTS = ROOT / "regrad_engine" / "checkpoints"
 GENERAL_META = CHECKPOINTS / "smollm2-135m-general"  # meta-trained on the real QA mix (`regrad data`)
 FALLBACK_META = CHECKPOINTS / "smollm2-135m-synth"  # synthetic facts only
 EVAL_SYSTEMS = ("direct", "rag", "regrad", "regrad_hybrid")
@@ -106,7 +106,7 @@ def open_held_out_store(workdir: Path, documents: Sequence[dict], model, meta: P
     The store's folder is named after the model and checkpoint, so another --meta gets its own."""
     from regrad_engine.checkpoint import MetaCheckpoint
     from regrad_engine.chunking import chunk_documents
-    from regrad_engine.pipeline import build_store, open_engine
+    from regrad_engine.store import build_store, open_engine
 
     fingerprint = MetaCheckpoint.load(meta).fingerprint()[:10]
     store = workdir / f"store-{model.fingerprint[:8]}-{fingerprint}"
@@ -146,7 +146,11 @@ def print_answer(question: dict, answers: dict[str, str], documents: Sequence[tu
 def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title: str) -> dict:
     """Exact match and token F1 on the first ``limit`` held-out questions, four systems."""
     from regrad_engine.checkpoint import MetaCheckpoint
-    from regrad_engine.evaluation import evaluate_systems, markdown_table, overall_scores
+    from regrad_engine.evaluation import (
+        evaluate_systems,
+        markdown_table,
+        overall_scores,
+    )
 
     print(f"held-out accuracy, {title}: first {limit} test questions, gold passage among BM25 hard negatives "
           "from the test split, k={k} (regrad_engine.evaluation)", flush=True)
@@ -159,6 +163,6 @@ def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title:
 def train_command() -> str:
     """The exact commands that make the general checkpoint (see its README)."""
     return ("  regrad data --out runs/general\n"
-            "  regrad train --data runs/general --out runs/meta-general --init-from checkpoints/smollm2-135m-synth "
+            "  regrad train --data runs/general --out runs/meta-general --init-from regrad_engine/checkpoints/smollm2-135m-synth "
             "--mode mixed --steps 240 --tasks-per-step 4 --eval-every 40 --dev-size 32 --lr 1e-3 --alpha-lr 0.05\n"
-            "  cp -r runs/meta-general/best checkpoints/smollm2-135m-general")
+            "  cp -r runs/meta-general/best regrad_engine/checkpoints/smollm2-135m-general")

@@ -8,7 +8,7 @@ One command on a CPU:
    governing law, parties, dates; split by contract) and ``policyqa`` (privacy-policy
    paragraphs; split by policy), exactly as split in the general meta-training mix;
 2. builds one ReGrad store (BM25 index + Gradient Bank) over the *test* passages of both,
-   with the general meta checkpoint (checkpoints/smollm2-135m-general; without it, the
+   with the general meta checkpoint (regrad_engine/checkpoints/smollm2-135m-general; without it, the
    synthetic one);
 3. answers a few held-out questions with ``ReGradQueryEngine`` in both modes: ``parametric``
    (the retrieved documents' gradients only, the prompt holds just the question) and

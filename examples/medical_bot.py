@@ -8,7 +8,7 @@ One command on a CPU:
    in the general meta-training mix (`regrad data`; test = a seeded sample of 200 official
    test questions, never trained on);
 2. builds a ReGrad store (BM25 index + Gradient Bank) over the *test* passages only, with
-   the general meta checkpoint (checkpoints/smollm2-135m-general; without it, the synthetic
+   the general meta checkpoint (regrad_engine/checkpoints/smollm2-135m-general; without it, the synthetic
    one);
 3. answers a few held-out questions with the usual LangChain chain
    ``{"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm``,

@@ -38,6 +38,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from regrad_engine.errors import (
+    BankError,
+    BankMismatchError,
+    InvalidInputError,
+    UnknownDocumentError,
+)
+from regrad_engine.files import atomic_write, atomic_write_json
+
 __all__ = [
     "BankError",
     "BankMismatchError",
@@ -52,25 +60,6 @@ _MAIN_MANIFEST = "manifest.json"
 _DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
 _WORKER_MANIFEST_RE = re.compile(r"^manifest\.w(\d{3})\.json$")
-
-
-class BankError(Exception):
-    """User-facing bank error; message says what to do."""
-
-
-class BankMismatchError(BankError):
-    """Bank bound to a different base model / meta checkpoint."""
-
-
-class InvalidInputError(BankError, ValueError):
-    """Invalid argument (bad id, dtype string, shapes...)."""
-
-
-class UnknownDocumentError(BankError, KeyError):
-    """A document id that is not in the bank."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 def _library_version() -> str:
@@ -129,15 +118,6 @@ def _binding_diff(stored: dict, given: dict) -> list[str]:
         for k in sorted(set(stored) | set(given))
         if stored.get(k, missing) != given.get(k, missing)
     ]
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -227,7 +207,7 @@ class GradientBank:
                     shapes={k: list(v) for k, v in shapes.items()}, storage_dtype=dtype, shard_size=shard_size,
                     worker=worker, num_workers=num_workers, shards=[], deleted=[],
                     library_version=_library_version())
-        _write_json_atomic(path / name, meta)
+        atomic_write_json(path / name, meta)
         return cls(path, meta, base, worker, num_workers)
 
     @classmethod
@@ -319,7 +299,7 @@ class GradientBank:
                     shards=self._shards, deleted=sorted(self._deleted), library_version=_library_version())
 
     def _write_manifest(self) -> None:
-        _write_json_atomic(self.path / self._manifest_name(self._worker, self._num_workers), self._meta())
+        atomic_write_json(self.path / self._manifest_name(self._worker, self._num_workers), self._meta())
 
     def _alive(self) -> None:
         if self._closed:
@@ -396,23 +376,20 @@ class GradientBank:
         if self._closed or not self._pending:
             return
         ids = list(self._pending)
-        file = f"shard-w{self._worker:03d}-{self._next_seq:06d}.safetensors"
-        tensors = {k: torch.stack([self._pending[i][k] for i in ids]) for k in self.shapes}  # (n, *shape)
-        tmp = self.path / (file + ".tmp")
-        save_file(tensors, str(tmp), metadata={"regrad_ids": json.dumps(ids),
-                                               "regrad_format_version": str(self.FORMAT_VERSION)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path / file)
-        self._next_seq += 1
+        file = self._write_shard(ids, {k: torch.stack([self._pending[i][k] for i in ids]) for k in self.shapes})
         self._shards.append(dict(file=file, ids=ids))
         self._deleted.difference_update(ids)  # re-added after a delete: alive again
         self._write_manifest()
         self._pending.clear()
         self._build_index()
+
+    def _write_shard(self, ids: list[str], tensors: dict[str, torch.Tensor]) -> str:
+        """Write rows ``(n, *shape)`` of ``ids`` as this writer's next shard file (atomic); its name."""
+        file = f"shard-w{self._worker:03d}-{self._next_seq:06d}.safetensors"
+        atomic_write(self.path / file, lambda tmp: save_file(
+            tensors, str(tmp), metadata={"regrad_ids": json.dumps(ids), "regrad_format_version": str(self.FORMAT_VERSION)}))
+        self._next_seq += 1
+        return file
 
     def delete(self, doc_ids: str | Iterable[str]) -> int:
         """Deletes documents (tombstones; :meth:`compact` reclaims space). Returns how many were deleted.
@@ -443,11 +420,7 @@ class GradientBank:
         new_shards: list[dict] = []
         for start in range(0, len(live), self.shard_size):
             ids = live[start:start + self.shard_size]
-            tensors = {k: torch.stack([self._read_row(i, k) for i in ids]) for k in self.shapes}  # (n, *shape)
-            file = f"shard-w{self._worker:03d}-{self._next_seq:06d}.safetensors"
-            save_file(tensors, str(self.path / (file + ".tmp")), metadata={"regrad_ids": json.dumps(ids)})
-            os.replace(self.path / (file + ".tmp"), self.path / file)
-            self._next_seq += 1
+            file = self._write_shard(ids, {k: torch.stack([self._read_row(i, k) for i in ids]) for k in self.shapes})
             new_shards.append(dict(file=file, ids=ids))
         base_ids = {i for s in self._base_shards for i in s["ids"]}
         self._shards, self._deleted = new_shards, self._deleted & base_ids
@@ -549,7 +522,7 @@ class GradientBank:
         all_rows = {i for s in shards for i in s["ids"]}
         meta = dict(ref, shards=shards, deleted=sorted((deleted - live) & all_rows), worker=0, num_workers=1,
                     format_version=cls.FORMAT_VERSION, library_version=_library_version())
-        _write_json_atomic(path / _MAIN_MANIFEST, meta)
+        atomic_write_json(path / _MAIN_MANIFEST, meta)
         for p in found.values():
             p.unlink()
         return cls.open(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from regrad_engine.errors import CheckpointError
+from regrad_engine.files import atomic_write, atomic_write_json
 from regrad_engine.lora import Phi
 
 FORMAT_VERSION = 1
 _ALPHA_PREFIX = "alpha/"
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"  # installed with the package
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed or made for another model."""
+def shipped_checkpoint(name: str) -> Path:
+    """A meta checkpoint that ships inside the package (``regrad_engine/checkpoints/NAME``),
+    so it is there after ``pip install`` as well as in a source checkout.
+
+    Raises:
+        CheckpointError: No shipped checkpoint of that name.
+    """
+    path = SHIPPED / name
+    if not (path / "manifest.json").is_file():
+        names = sorted(p.name for p in SHIPPED.iterdir() if (p / "manifest.json").is_file()) if SHIPPED.is_dir() else []
+        raise CheckpointError(f"no shipped meta checkpoint {name!r}; shipped: {', '.join(names) or 'none'}")
+    return path
 
 
 def library_version() -> str:
@@ -84,11 +96,8 @@ class MetaCheckpoint:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.phi.items()}
         tensors.update({_ALPHA_PREFIX + k: v.detach().float().cpu().contiguous() for k, v in self.alpha.items()})
-        save_file(tensors, directory / "meta.safetensors.tmp", metadata={"format": "pt"})
-        os.replace(directory / "meta.safetensors.tmp", directory / "meta.safetensors")
-        tmp = directory / "manifest.json.tmp"
-        tmp.write_text(json.dumps(self.manifest(), indent=2))
-        os.replace(tmp, directory / "manifest.json")
+        atomic_write(directory / "meta.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write_json(directory / "manifest.json", self.manifest(), indent=2)
         return directory
 
     @classmethod
@@ -101,9 +110,15 @@ class MetaCheckpoint:
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
         if not manifest_path.exists() or not (directory / "meta.safetensors").exists():
-            raise CheckpointError(f"no meta checkpoint at {directory}: train one with `regrad train`")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("kind") != "regrad-meta-checkpoint":
+            raise CheckpointError(f"no meta checkpoint at {directory}: pass --meta with a checkpoint directory "
+                                  "(one holding manifest.json and meta.safetensors, e.g. the best/ folder "
+                                  "`regrad train` writes)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {manifest_path} ({exc}): the checkpoint is damaged; "
+                                  "copy it again or retrain") from None
+        if not isinstance(manifest, dict) or manifest.get("kind") != "regrad-meta-checkpoint":
             raise CheckpointError(f"{directory} is not a regrad meta checkpoint")
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{directory} was written by a newer regrad; upgrade regrad")

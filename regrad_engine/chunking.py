@@ -1,100 +1,29 @@
-"""Reading a corpus from disk and cutting its documents into token-bounded chunks.
+"""Cutting documents into token-bounded chunks; each chunk later gets its own LoRA gradient.
 
-A *document* is a dict with a string ``"id"``, a non-empty ``"text"`` and any
-other keys (``"title"``, ``"url"``, ...) which are kept as metadata. A *chunk* is
-a piece of one document's text that holds at most ``max_tokens`` tokens of the
-model's tokenizer; each chunk later gets its own LoRA gradient.
-
-Chunk ids are ``"<doc_id>"`` when the whole document fits in one chunk and
-``"<doc_id>#<i>"`` (``i`` from 0) otherwise. Because the ``#<digits>`` suffix is
-reserved for chunk indices, document ids must not end with ``#`` followed by
-digits; :func:`chunk_documents` rejects such ids so that :func:`chunk_source`
-is always exact.
+A *chunk* is a piece of one document's text that holds at most ``max_tokens`` tokens of
+the model's tokenizer. The document schema, chunk ids and the corpus reader are in
+``data.py`` (re-exported here): chunk ids are ``"<doc_id>"`` when the whole document fits
+in one chunk and ``"<doc_id>#<i>"`` (``i`` from 0) otherwise, so :func:`chunk_source` is exact.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-_CHUNK_SUFFIX = re.compile(r"#\d+$")
-_CORPUS_SUFFIXES = (".jsonl", ".json", ".txt")
+from regrad_engine.data import (
+    Chunk,
+    CorpusError,
+    chunk_source,
+    normalize_document,
+    read_corpus,
+)
+from regrad_engine.errors import ConfigError
+
+__all__ = ["Chunk", "CorpusError", "chunk_documents", "chunk_source", "read_corpus"]
+
 _SENTENCE_END = ".!?"
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One token-bounded piece of a source document.
-
-    Attributes:
-        id: ``"<doc_id>"`` if the document fits in one chunk, else ``"<doc_id>#<i>"``.
-        text: The chunk text, cut out of the original document text.
-        source_id: Id of the document the chunk comes from.
-        index: Position of the chunk within its source document (from 0).
-        metadata: Metadata copied from the source document (e.g. ``title``).
-    """
-
-    id: str
-    text: str
-    source_id: str
-    index: int
-    metadata: dict = field(default_factory=dict)
-
-
-class CorpusError(ValueError):
-    """A corpus file or document is missing, unreadable or malformed."""
-
-
-def chunk_source(chunk_id: str) -> str:
-    """Return the source document id of a chunk id.
-
-    The last ``#<digits>`` suffix is the chunk index: ``"doc#3"`` -> ``"doc"``,
-    ``"a#b#12"`` -> ``"a#b"``, ``"doc"`` -> ``"doc"``.
-
-    Args:
-        chunk_id: A chunk id produced by :func:`chunk_documents`.
-
-    Returns:
-        The id of the source document.
-    """
-    return _CHUNK_SUFFIX.sub("", chunk_id)
-
-
-def _normalize_doc(doc: Any, where: str) -> dict:
-    """Validate one document and return ``{"id", "text", **metadata}``.
-
-    Args:
-        doc: The raw document (should be a mapping).
-        where: Human-readable location used in error messages.
-
-    Raises:
-        CorpusError: If the document is not an object or lacks a usable id/text.
-    """
-    if not isinstance(doc, Mapping):
-        raise CorpusError(f"{where}: expected a JSON object with 'id' and 'text', got {type(doc).__name__}")
-    doc_id = doc.get("id")
-    if isinstance(doc_id, int) and not isinstance(doc_id, bool):
-        doc_id = str(doc_id)
-    if not isinstance(doc_id, str) or not doc_id.strip():
-        raise CorpusError(f"{where}: missing or empty 'id'; give every document a unique string id")
-    if _CHUNK_SUFFIX.search(doc_id):
-        raise CorpusError(
-            f"{where}: id {doc_id!r} ends with '#<digits>', which is reserved for chunk indices; rename it"
-        )
-    text = doc.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise CorpusError(f"{where} (id {doc_id!r}): missing or empty 'text'; every document needs a non-empty string 'text'")
-    out = {k: v for k, v in doc.items() if k not in ("id", "text", "metadata")}
-    if isinstance(doc.get("metadata"), Mapping):
-        out.update(doc["metadata"])
-    elif "metadata" in doc:
-        out["metadata"] = doc["metadata"]
-    return {"id": doc_id, "text": text, **out}
 
 
 def _is_boundary(text: str, offsets: list, e: int) -> tuple[bool, bool]:
@@ -201,14 +130,14 @@ def chunk_documents(
         CorpusError: If a document is malformed or ids collide.
     """
     if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise ConfigError(f"max_tokens (--chunk-tokens) must be >= 1, got {max_tokens}")
     if not 0 <= overlap < max_tokens:
-        raise ValueError(f"overlap must be >= 0 and < max_tokens ({max_tokens}), got {overlap}")
+        raise ConfigError(f"overlap must be >= 0 and < max_tokens ({max_tokens}), got {overlap}")
     chunks: list[Chunk] = []
     seen_docs: set[str] = set()
     seen_chunks: set[str] = set()
     for n, raw in enumerate(docs):
-        doc = _normalize_doc(raw, f"document #{n}")
+        doc = normalize_document(raw, f"document #{n}")
         doc_id = doc.pop("id")
         text = doc.pop("text")
         if doc_id in seen_docs:
@@ -222,96 +151,3 @@ def chunk_documents(
             seen_chunks.add(cid)
             chunks.append(Chunk(id=cid, text=piece, source_id=doc_id, index=i, metadata=dict(doc)))
     return chunks
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
-    except OSError as exc:
-        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror or exc}") from exc
-
-
-def _read_file(path: Path, txt_id: str) -> list[tuple[dict, str]]:
-    """Read one corpus file into ``(document, location)`` pairs."""
-    suffix = path.suffix.lower()
-    if suffix not in _CORPUS_SUFFIXES:
-        raise CorpusError(f"{path}: unsupported corpus file type {suffix!r}; use .jsonl, .json or .txt")
-    content = _read_text(path)
-    if suffix == ".txt":
-        return [(_normalize_doc({"id": txt_id, "text": content}, str(path)), str(path))]
-    if suffix == ".jsonl":
-        out = []
-        for lineno, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(
-                    f"{where}: invalid JSON on line {lineno} ({exc.msg}); each line must be one JSON object "
-                    'like {"id": "doc1", "text": "..."}'
-                ) from exc
-            out.append((_normalize_doc(obj, where), where))
-        return out
-    try:
-        items = json.loads(content)
-    except json.JSONDecodeError as exc:
-        raise CorpusError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from exc
-    if not isinstance(items, list):
-        raise CorpusError(f'{path}: expected a JSON list of objects like [{{"id": "doc1", "text": "..."}}]')
-    return [(_normalize_doc(obj, f"{path} item {i}"), f"{path} item {i}") for i, obj in enumerate(items)]
-
-
-def read_corpus(path: str | Path) -> list[dict]:
-    """Read documents from a corpus file or directory.
-
-    Supported inputs:
-
-    * ``.jsonl``: one JSON object per line with ``id``, ``text`` and optional
-      ``title``/other keys (blank lines are skipped);
-    * ``.json``: a list of such objects;
-    * ``.txt``: the whole file is one document whose id is the file stem;
-    * a directory: every ``.txt``/``.jsonl``/``.json`` file inside it
-      (recursively, hidden files skipped, sorted by relative path); ``.txt`` ids
-      are the relative path without suffix (e.g. ``"guides/setup"``).
-
-    Args:
-        path: A corpus file or directory.
-
-    Returns:
-        Documents as dicts with ``"id"``, ``"text"`` and any other keys.
-
-    Raises:
-        CorpusError: If the path is missing or unreadable, JSON is invalid (the
-            message names the file and line), a document lacks ``id``/``text``,
-            or two documents share an id.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise CorpusError(f"corpus not found: {root}; pass a .jsonl, .json or .txt file or a directory of them")
-    if root.is_dir():
-        files = sorted(
-            (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _CORPUS_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-            key=lambda p: p.relative_to(root).as_posix(),
-        )
-        if not files:
-            raise CorpusError(f"no .jsonl, .json or .txt files in corpus directory {root}")
-        entries = [e for f in files for e in _read_file(f, f.relative_to(root).with_suffix("").as_posix())]
-    else:
-        entries = _read_file(root, root.stem)
-    docs: list[dict] = []
-    where_by_id: dict[str, str] = {}
-    for doc, where in entries:
-        if doc["id"] in where_by_id:
-            raise CorpusError(
-                f"{where}: duplicate id {doc['id']!r} (first seen at {where_by_id[doc['id']]}); ids must be unique"
-            )
-        where_by_id[doc["id"]] = where
-        docs.append(doc)
-    if not docs:
-        raise CorpusError(f"corpus {root} contains no documents")
-    return docs

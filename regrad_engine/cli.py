@@ -5,6 +5,8 @@
     regrad train  --data data/general --out runs/meta --mode mixed   # stage 1: meta-learning
     regrad build  --corpus docs.jsonl --meta runs/meta/best --store runs/store
     regrad build  --elasticsearch URL --index docs --meta runs/meta/best --store runs/es  # an existing index
+    regrad delete --store runs/store doc-17 doc-18      # remove documents (all their chunks)
+    regrad merge  --store runs/store                    # after `build --worker i --num-workers n`
     regrad ask    --store runs/store "Where was X born?"
     regrad eval   --data data/general --meta runs/meta/best [--setting retrieval]
     regrad demo                                         # everything, on the embedded model
@@ -62,21 +64,19 @@ def _cmd_train(args) -> int:
     from regrad_engine.checkpoint import MetaCheckpoint
     from regrad_engine.config import MetaTrainConfig, load_config
     from regrad_engine.data import meta_examples
-    from regrad_engine.lora import LoraSpace, lora_config_from_dict
+    from regrad_engine.errors import ConfigError
+    from regrad_engine.lora import LoraSpace
     from regrad_engine.meta import MetaTrainer
 
-    overrides = {k: getattr(args, k) for k in ("model", "data", "out", "init_from", "mode", "k", "steps",
-                                                "tasks_per_step", "lr", "alpha_lr", "alpha_mode", "alpha_init",
-                                                "doc_max_tokens", "eval_every", "dev_size", "device", "seed",
-                                                "stop_after")}
-    lora = {k: v for k, v in (("r", args.rank), ("lora_alpha", args.lora_alpha), ("layers", args.layers)) if v is not None}
-    if lora:
-        overrides["lora"] = lora
+    overrides = _config_overrides(args)
     cfg = load_config(MetaTrainConfig, args.config, overrides)
     log.info("seed %d", set_seed(cfg.seed))
     model = _load(cfg.model, cfg.device, args.dtype, args.threads, attn="eager")
     init = MetaCheckpoint.load(cfg.init_from) if cfg.init_from else None
-    space = LoraSpace(model.model, lora_config_from_dict(init.lora) if init else _lora_config(model.model, cfg.lora))
+    try:
+        space = LoraSpace.attach(model.model, init.lora if init else _lora_config(model.model, cfg.lora))
+    except ValueError as err:  # e.g. --lora-target-modules naming no layer of this model
+        raise ConfigError(str(err)) from None
     train = meta_examples(cfg.data, "train", k=cfg.k, seed=cfg.seed)
     dev = meta_examples(cfg.data, "dev", k=cfg.k, seed=cfg.seed + 1)
     print(f"meta-training on {len(train)} questions ({space.num_parameters:,} LoRA numbers, "
@@ -89,19 +89,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_build(args) -> int:
-    from regrad_engine.bank import GradientBank
     from regrad_engine.chunking import chunk_documents, read_corpus
-    from regrad_engine.pipeline import build_store
+    from regrad_engine.store import build_store
 
-    if args.merge:
-        bank = GradientBank.merge(f"{args.store}/bank")
-        print(f"merged {len(bank)} gradients into {args.store}/bank")
-        return 0
-    if args.delete:
-        return _delete(args.store, args.delete)
     if not args.meta or not (args.corpus or args.elasticsearch is not None):
-        raise _usage("build needs --corpus FILE (or --elasticsearch URL --index NAME) and --meta CHECKPOINT "
-                     "(or --merge)")
+        raise _usage("build needs --corpus FILE (or --elasticsearch URL --index NAME) and --meta CHECKPOINT")
     es = _elasticsearch_index(args)  # connect before loading the model, so a bad URL fails fast
     if args.corpus:
         docs = read_corpus(args.corpus)
@@ -109,7 +101,7 @@ def _cmd_build(args) -> int:
         chunks = chunk_documents(docs, model.tokenizer, max_tokens=args.chunk_tokens)
         print(f"{len(docs)} documents -> {len(chunks)} chunks of <= {args.chunk_tokens} tokens", flush=True)
     else:
-        from regrad_engine.elastic import index_chunks
+        from regrad_engine.retrieval.elasticsearch import index_chunks
 
         chunks = index_chunks(es)
         if not chunks:
@@ -136,7 +128,7 @@ def _elasticsearch_index(args):
         if given:
             raise _usage(f"{', '.join(given)} need --elasticsearch URL")
         return None
-    from regrad_engine.elastic import ElasticsearchIndex
+    from regrad_engine.retrieval.elasticsearch import ElasticsearchIndex
 
     fields = {"content_field": args.content_field or "text", "title_field": args.title_field or "title",
               "id_field": args.id_field, "search_fields": args.search_fields}
@@ -146,24 +138,26 @@ def _elasticsearch_index(args):
     return ElasticsearchIndex.create(url, name, exist_ok=True, **fields)
 
 
-def _delete(store: str, ids: list[str]) -> int:
-    from pathlib import Path
+def _cmd_delete(args) -> int:
+    from regrad_engine.store import Store
 
-    from regrad_engine.bank import GradientBank
-    from regrad_engine.pipeline import open_store_index
+    count = Store.open(args.store).delete(args.ids)
+    print(f"deleted {count} chunks of {len(args.ids)} ids from {args.store}")
+    return 0
 
-    index = open_store_index(store)  # before the bank changes: a server that is down fails here
-    with GradientBank.open(Path(store) / "bank") as bank:
-        bank.delete(ids)  # unknown ids raise before anything is removed
-    index.delete(ids)
-    index.save()
-    print(f"deleted {len(ids)} documents from {store}")
+
+def _cmd_merge(args) -> int:
+    from regrad_engine.store import Store
+
+    count = Store.open(args.store).merge()
+    print(f"merged the workers' gradients: {count} documents in {args.store}/bank")
     return 0
 
 
 def _cmd_ask(args) -> int:
+    from regrad_engine.errors import check_request
 
-    _check_request(args.questions, args.k)
+    check_request(args.questions, mode=args.mode, k=args.k, gamma=args.gamma)
     engine = _open(args)
     answers = engine.answer_batch(args.questions, mode=args.mode, k=args.k, gamma=args.gamma)
     base = engine.generate(args.questions, None, None) if args.compare else [None] * len(answers)
@@ -180,21 +174,12 @@ def _cmd_ask(args) -> int:
 def _open(args):
     import torch
 
-    from regrad_engine.pipeline import open_engine
+    from regrad_engine.store import open_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args.model, args.device, args.dtype, args.threads) if args.model else None
     return open_engine(args.store, model=model, device=args.device, dtype=getattr(torch, args.dtype), meta=args.meta)
-
-
-def _check_request(questions, k) -> None:
-    from regrad_engine.errors import RequestError
-
-    if not questions or any(not q.strip() for q in questions):
-        raise RequestError("the question is empty: pass a question, e.g. regrad ask --store DIR \"Who ...?\"")
-    if k is not None and k <= 0:
-        raise RequestError(f"--k must be >= 1, got {k}")
 
 
 def _usage(message: str):
@@ -207,9 +192,16 @@ def _cmd_eval(args) -> int:
     from pathlib import Path
 
     from regrad_engine.checkpoint import MetaCheckpoint
-    from regrad_engine.evaluation import SYSTEMS, evaluate_systems, markdown_tables, per_question, summarize
+    from regrad_engine.errors import check_k
+    from regrad_engine.evaluation import (
+        SYSTEMS,
+        evaluate_systems,
+        markdown_tables,
+        per_question,
+        summarize,
+    )
 
-    _check_request(["x"], args.k)
+    check_k(args.k, "--k")
     meta = MetaCheckpoint.load(args.meta)
     model = _load(args.model, args.device, args.dtype, args.threads)
     systems = args.systems.split(",") if args.systems else SYSTEMS
@@ -253,6 +245,69 @@ def _load(name, device, dtype, threads, attn="sdpa"):
     return load_model(name, device=device, dtype=getattr(torch, dtype), attn_implementation=attn)
 
 
+_FLAG_ALIASES = {"lora.r": ["--rank"], "lora.layers": ["--layers"]}  # the short names of earlier versions
+
+
+def _config_flags(cls, prefix: str = "") -> list[tuple[str, object]]:
+    """(dest, pydantic field) of every leaf field of a config class; nested models recurse."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _config_flags(field.annotation, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, field))
+    return out
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per MetaTrainConfig field (``lora.r`` -> ``--lora-r``), typed, with its description."""
+    import types
+    import typing
+
+    from regrad_engine.config import MetaTrainConfig
+
+    for dest, field in _config_flags(MetaTrainConfig):
+        parts = dest.split(".")
+        name = "-".join(parts[:-1] + [parts[-1].removeprefix(parts[0] + "_")] if len(parts) > 1 else parts)
+        flags = ["--" + name.replace("_", "-"), *_FLAG_ALIASES.get(dest, [])]
+        kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] \
+            if isinstance(field.annotation, types.UnionType) or typing.get_origin(field.annotation) is typing.Union \
+            else [field.annotation]
+        kind = kinds[0]
+        default = field.default if field.default is not None and not callable(field.default) else None
+        help_text = f"{field.description} (default: {default})" if default is not None else field.description
+        options: dict = {"dest": dest, "default": None, "help": help_text}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            options["choices"] = list(typing.get_args(kind))
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            options["type"] = lambda text, item=item: [item(x) for x in text.split(",") if x.strip()]
+            options["metavar"] = "A,B"
+        else:
+            options["type"] = kind
+        p.add_argument(*flags, **options)
+
+
+def _config_overrides(args) -> dict:
+    """The config fields given as flags, nested as the config is (``lora.r`` -> ``{"lora": {"r": ...}}``)."""
+    from regrad_engine.config import MetaTrainConfig
+
+    out: dict = {}
+    for dest, _ in _config_flags(MetaTrainConfig):
+        value = getattr(args, dest, None)
+        if value is not None:
+            *parents, leaf = dest.split(".")
+            node = out
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regrad", description="ReGrad: retrievable gradients for RAG apps")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -278,27 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="stage 1: meta-learn the LoRA initialisation and step sizes")
     p.add_argument("--config", help="JSON config file (flags override it)")
-    p.add_argument("--data", help="data directory (corpus.jsonl, train.jsonl, dev.jsonl)")
-    p.add_argument("--out", help="checkpoint directory")
-    p.add_argument("--init-from", dest="init_from", help="continue from this meta checkpoint")
-    p.add_argument("--mode", choices=["parametric", "hybrid", "mixed"])
-    p.add_argument("--k", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--stop-after", dest="stop_after", type=int,
-                   help="end this run after N steps; the same command resumes from out/last")
-    p.add_argument("--tasks-per-step", dest="tasks_per_step", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--alpha-lr", dest="alpha_lr", type=float)
-    p.add_argument("--alpha-mode", dest="alpha_mode", choices=["tie", "full", "same", "fix"])
-    p.add_argument("--alpha-init", dest="alpha_init", type=float)
-    p.add_argument("--rank", type=int)
-    p.add_argument("--lora-alpha", dest="lora_alpha", type=float)
-    p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], help="comma-separated block indices")
-    p.add_argument("--doc-max-tokens", dest="doc_max_tokens", type=int)
-    p.add_argument("--eval-every", dest="eval_every", type=int)
-    p.add_argument("--dev-size", dest="dev_size", type=int)
-    p.add_argument("--seed", type=int)
-    _add_model_args(p)
+    _add_config_flags(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("build", help="stage 2: index a corpus and store its document gradients")
@@ -309,10 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-dtype", dest="storage_dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="documents per backward pass")
     p.add_argument("--update", action="store_true", help="recompute gradients of documents already in the bank")
-    p.add_argument("--worker", type=int, default=0, help="this worker's index (distributed builds)")
+    p.add_argument("--worker", type=int, default=0, help="this worker's index (distributed builds; then `regrad merge`)")
     p.add_argument("--num-workers", dest="num_workers", type=int, default=1, help="number of build workers")
-    p.add_argument("--merge", action="store_true", help="merge the workers' shards into the bank")
-    p.add_argument("--delete", nargs="+", metavar="ID", help="remove these document ids from the store")
     es = p.add_argument_group("Elasticsearch instead of the embedded BM25 index (credentials: ELASTICSEARCH_API_KEY, "
                               "or ELASTICSEARCH_USERNAME and ELASTICSEARCH_PASSWORD)")
     es.add_argument("--elasticsearch", nargs="?", const="", default=None, metavar="URL",
@@ -329,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "write to it; without --corpus every document of the index is used")
     _add_model_args(p)
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("delete", help="remove documents (every chunk of each) from a store's bank and index")
+    p.add_argument("ids", nargs="+", metavar="ID", help="document or chunk ids")
+    p.add_argument("--store", required=True, help="store directory from `regrad build`")
+    p.set_defaults(func=_cmd_delete)
+
+    p = sub.add_parser("merge", help="merge the shards of `regrad build --worker i --num-workers n` into the bank")
+    p.add_argument("--store", required=True, help="store directory the workers built")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("ask", help="stage 3: answer questions with retrieved gradients")
     p.add_argument("questions", nargs="+", help="one or more questions")
@@ -372,11 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from regrad_engine.errors import USER_ERRORS
+    from regrad_engine.errors import RegradError
 
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except RegradError as err:
         print(f"regrad {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

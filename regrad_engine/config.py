@@ -11,9 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config file or flag value is invalid; the message says which and why."""
+from regrad_engine.errors import ConfigError
 
 
 class _Strict(BaseModel):

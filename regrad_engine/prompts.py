@@ -13,19 +13,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from regrad_engine.gradients import IGNORE_INDEX
-
 Mode = Literal["parametric", "hybrid"]
-MODES: tuple[str, ...] = ("parametric", "hybrid")
+IGNORE_INDEX = -100  # label of a token that takes no loss (torch's cross-entropy default)
 
 QUESTION_TEMPLATE = "Question: {question}\nAnswer with a short phrase only."
 CONTEXT_TEMPLATE = "Context:\n{passages}\n\n"
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'parametric' or 'hybrid', got {mode!r}")
-    return mode
 
 
 def user_message(question: str, passages: Sequence[str] | None = None) -> str:

@@ -21,7 +21,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from regrad_engine.retrieval import Hit
+from regrad_engine.retrieval.base import Hit
 
 PREFIX_CHARS = 32
 DEFAULT_MAX_ENTRIES = 10_000
@@ -152,3 +152,12 @@ def registry_for(engine: object) -> DocumentRegistry:
         if registry is None:
             registry = _registries[engine] = DocumentRegistry()
         return registry
+
+
+def prompt_documents(engine: object, prompt: str, mode: str) -> tuple[str, list[Hit]]:
+    """What the model reads for a rendered prompt, and the documents whose gradients it gets:
+    the registered documents the prompt contains; in ``parametric`` mode their text is cut out."""
+    registry = registry_for(engine)
+    found = registry.find(prompt)  # [(start, end, hit)]
+    message = registry.strip(prompt, found) if mode == "parametric" else prompt
+    return message, [hit for _, _, hit in found]

@@ -38,10 +38,10 @@ import torch
 from pydantic import Field, PrivateAttr
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from regrad_engine.errors import check_gamma, check_mode
 from regrad_engine.inference import ReGrad
-from regrad_engine.prompts import check_mode
-from regrad_engine.retrieval import Hit
-from regrad_integrations._registry import registry_for
+from regrad_engine.retrieval.base import Hit
+from regrad_integrations._registry import prompt_documents, registry_for
 
 __all__ = ["ReGradLLM", "ReGradRetriever", "regrad_langchain"]
 
@@ -131,7 +131,7 @@ class ReGradLLM(BaseLLM):
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         mode, gamma, options = self._options(kwargs)
-        requests = [self._request(prompt, mode) for prompt in prompts]
+        requests = [prompt_documents(self.engine, prompt, mode) for prompt in prompts]
         texts = self.engine.complete_batch([message for message, _ in requests], [hits for _, hits in requests],
                                            gamma=gamma, **options)
         return LLMResult(generations=[[Generation(text=_cut_at_stop(text, stop), generation_info=_info(hits, mode))]
@@ -140,7 +140,7 @@ class ReGradLLM(BaseLLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         mode, gamma, options = self._options(kwargs)
-        message, hits = self._request(prompt, mode)
+        message, hits = prompt_documents(self.engine, prompt, mode)
         cancel = _Cancel()  # stops generating once we stop reading (stop sequence, closed stream)
         options["stopping_criteria"] = StoppingCriteriaList([*options.get("stopping_criteria", ()), cancel])
         pieces = self.engine.stream_message(message, hits, gamma=gamma, **options)
@@ -162,16 +162,11 @@ class ReGradLLM(BaseLLM):
         """(mode, gamma, generate options) with this call's overrides applied."""
         options = dict(kwargs)
         mode = check_mode(options.pop("mode", self.mode))
-        gamma = float(options.pop("gamma", self.gamma))
+        gamma = check_gamma(options.pop("gamma", self.gamma))
         options["max_new_tokens"] = int(options.get("max_new_tokens", self.max_new_tokens))
         return mode, gamma, options
 
-    def _request(self, prompt: str, mode: str) -> tuple[str, list[Hit]]:
-        """What the model reads, and the documents whose gradients it gets."""
-        registry = registry_for(self.engine)
-        spans = registry.find(prompt)
-        message = registry.strip(prompt, spans) if mode == "parametric" else prompt
-        return message, [hit for _, _, hit in spans]
+
 
 
 def regrad_langchain(engine: ReGrad, *, mode: Literal["parametric", "hybrid"] = "parametric",

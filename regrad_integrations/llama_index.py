@@ -20,7 +20,11 @@ from typing import Any, Literal
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
-    from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+    from llama_index.core.base.llms.types import (
+        CompletionResponse,
+        CompletionResponseGen,
+        LLMMetadata,
+    )
     from llama_index.core.base.response.schema import Response, StreamingResponse
     from llama_index.core.bridge.pydantic import Field, model_validator
     from llama_index.core.callbacks import CallbackManager
@@ -32,9 +36,9 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("the LlamaIndex adapters need llama-index-core: pip install 'regrad[llamaindex]'") from err
 
-from regrad_engine.errors import RequestError
-from regrad_engine.retrieval import Hit
-from regrad_integrations._registry import registry_for
+from regrad_engine.errors import RequestError, check_texts
+from regrad_engine.retrieval.base import Hit
+from regrad_integrations._registry import prompt_documents, registry_for
 
 __all__ = ["ReGradLLM", "ReGradQueryEngine", "ReGradRetriever"]
 
@@ -48,12 +52,6 @@ def hit_to_node(hit: Hit) -> NodeWithScore:
 def node_to_hit(node: NodeWithScore) -> Hit:
     """Any retriever's node as an engine document: its gradient is found by ``node_id``."""
     return Hit(id=node.node_id, text=node.get_content(), score=node.score or 0.0, metadata=dict(node.metadata))
-
-
-def _check_query(query_str: str) -> None:
-    # Before retrieval: an empty query must not reach a foreign retriever (or an embedder).
-    if not isinstance(query_str, str) or not query_str.strip():
-        raise RequestError("the question is empty: ask something")
 
 
 class ReGradRetriever(BaseRetriever):
@@ -74,7 +72,7 @@ class ReGradRetriever(BaseRetriever):
         self.k = engine.k if k is None else k
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        _check_query(query_bundle.query_str)
+        check_texts([query_bundle.query_str])  # before a foreign retriever or embedder sees it
         hits = self.engine.retrieve([query_bundle.query_str], self.k)[0]
         registry_for(self.engine).register(hits)
         return [hit_to_node(hit) for hit in hits]
@@ -118,7 +116,7 @@ class ReGradQueryEngine(CustomQueryEngine):
                         metadata={"mode": self.mode, "sources": [n.node_id for n in nodes]})
 
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
-        _check_query(query_str)
+        check_texts([query_str])
         nodes = self.retriever.retrieve(query_str)
         hits = [node_to_hit(node) for node in nodes]
         if self.streaming:
@@ -136,7 +134,7 @@ class ReGradQueryEngine(CustomQueryEngine):
     def query_batch(self, queries: Sequence[str]) -> list[Response]:
         """Answer many queries with one batched generation (same answers as one at a time)."""
         for query_str in queries:
-            _check_query(query_str)
+            check_texts([query_str])
         node_lists = [self.retriever.retrieve(q) for q in queries]
         documents = [[node_to_hit(node) for node in nodes] for nodes in node_lists]
         answers = self.engine.answer_batch(list(queries), mode=self.mode, gamma=self.gamma, documents=documents,
@@ -173,16 +171,9 @@ class ReGradLLM(CustomLLM):
         return LLMMetadata(model_name="regrad", is_chat_model=False, context_window=self.context_window,
                            num_output=self.max_new_tokens or self.engine.max_new_tokens)
 
-    def _message_and_documents(self, prompt: str) -> tuple[str, list[Hit]]:
-        registry = registry_for(self.engine)
-        found = registry.find(prompt)  # [(start, end, hit)]
-        if self.mode == "parametric":
-            prompt = registry.strip(prompt, found)
-        return prompt, [hit for _, _, hit in found]
-
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        message, hits = self._message_and_documents(prompt)
+        message, hits = prompt_documents(self.engine, prompt, self.mode)
         text = self.engine.complete_batch([message], [hits], gamma=self.gamma,
                                           max_new_tokens=self.max_new_tokens)[0]
         return CompletionResponse(text=text)
@@ -194,7 +185,7 @@ class ReGradLLM(CustomLLM):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        message, hits = self._message_and_documents(prompt)
+        message, hits = prompt_documents(self.engine, prompt, self.mode)
         if not message.strip():
             raise RequestError("the prompt is empty")
 

@@ -106,8 +106,8 @@ def make_engine(tokenizer, root, model=None):
     from regrad_engine.chunking import Chunk
     from regrad_engine.inference import ReGrad
     from regrad_engine.lora import init_step_sizes
-    from regrad_engine.pipeline import add_gradients
     from regrad_engine.retrieval import BM25Index
+    from regrad_engine.store import add_gradients
 
     model = model if model is not None else make_model(tokenizer, attn="sdpa")
     space = make_space(model)

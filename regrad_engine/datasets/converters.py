@@ -30,6 +30,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from regrad_engine.data import read_jsonl, write_jsonl
+from regrad_engine.errors import DatasetError
+
 SPLITS = ("train", "dev", "test")
 
 CUAD_CATEGORIES = ("Governing Law", "Parties", "Expiration Date", "Effective Date", "Agreement Date")
@@ -43,10 +46,6 @@ CUAD_QUESTIONS = {
 DATE_CATEGORIES = {"Expiration Date", "Effective Date", "Agreement Date", "Renewal Term"}
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December")
-
-
-class DatasetError(ValueError):
-    """A source file is missing or not in the expected format."""
 
 
 def shared_data_dir() -> Path:
@@ -97,12 +96,9 @@ def write_data_dir(out_dir: str | Path, documents: Sequence[dict], splits: dict[
         missing = [r["doc_id"] for r in rows if r["doc_id"] not in known]
         if missing:
             raise DatasetError(f"{split}: questions about unknown documents, e.g. {missing[0]!r}")
-    (out / "corpus.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents),
-                                      encoding="utf-8")
+    write_jsonl(out / "corpus.jsonl", documents)
     for split in SPLITS:
-        rows = splits.get(split, [])
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                            encoding="utf-8")
+        write_jsonl(out / f"{split}.jsonl", splits.get(split, []))
     counts = {"documents": len(documents)}
     for split in SPLITS:
         rows = splits.get(split, [])
@@ -113,9 +109,7 @@ def write_data_dir(out_dir: str | Path, documents: Sequence[dict], splits: dict[
 
 def split_documents(out_dir: str | Path, split: str) -> list[dict]:
     """The documents of one split of a data directory written here (``split`` field)."""
-    rows = [json.loads(line) for line in (Path(out_dir) / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
-    return [r for r in rows if r.get("split") == split]
+    return [r for r in read_jsonl(Path(out_dir) / "corpus.jsonl") if r.get("split") == split]
 
 
 # --------------------------------------------------------------------------- PubMedQA
@@ -383,11 +377,9 @@ def legal(out_dir: str | Path, *, seed: int = 0) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in (("cuad", cuad), ("policyqa", policyqa)):
             make(Path(tmp) / name, seed=seed)
-            for line in (Path(tmp) / name / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
-                documents.append({**json.loads(line), "source": name})
+            documents += [{**row, "source": name} for row in read_jsonl(Path(tmp) / name / "corpus.jsonl")]
             for split in SPLITS:
-                splits[split] += [json.loads(line) for line in
-                                  (Path(tmp) / name / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+                splits[split] += read_jsonl(Path(tmp) / name / f"{split}.jsonl")
     for number, split in enumerate(SPLITS):
         random.Random(seed * 1000 + number).shuffle(splits[split])
     return write_data_dir(out_dir, documents, splits)

@@ -24,14 +24,22 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from regrad_engine.data import read_jsonl, write_jsonl
 from regrad_engine.datasets.converters import (
-    SPLITS, DatasetError, _clean, _norm, _slug, _source, cuad_contract_text, cuad_items, shared_data_dir,
+    SPLITS,
+    DatasetError,
+    _clean,
+    _norm,
+    _slug,
+    _source,
+    cuad_contract_text,
+    cuad_items,
+    shared_data_dir,
 )
 
 SOURCES = ("squad", "hotpotqa", "popqa", "pubmedqa", "policyqa", "cuad")
@@ -121,7 +129,7 @@ def read_hotpotqa() -> SourceSet:
     """HotpotQA (distractor setting): the 2 supporting paragraphs are gold, the other 8 stay
     in the corpus as passages; questions sharing a paragraph form one group."""
     path = _source("general", "hotpotqa_dev500", "dev_subsampled.jsonl")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -397,9 +405,7 @@ def _write(out: Path, corpus: list[dict], rows: dict[str, list[dict]], info: dic
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DatasetError(f"duplicate passage id {dup!r}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "corpus.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in corpus),
-                                      encoding="utf-8")
+    write_jsonl(out / "corpus.jsonl", corpus)
     for split in SPLITS:
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[split]),
-                                            encoding="utf-8")
+        write_jsonl(out / f"{split}.jsonl", rows[split])
     (out / "info.json").write_text(json.dumps(info, indent=1))

@@ -19,12 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Union
+
+from regrad_engine.data import write_jsonl
 
 __all__ = [
     "ATTRIBUTES",
@@ -32,9 +33,7 @@ __all__ = [
     "QAPair",
     "SPLITS",
     "SyntheticCorpus",
-    "distractor_ids",
     "generate_corpus",
-    "load_split",
 ]
 
 PathLike = Union[str, Path]
@@ -264,35 +263,6 @@ class QAPair:
     attribute: str
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def load_split(directory: PathLike, split: str) -> list[QAPair]:
-    """Reads one QA split written by :meth:`SyntheticCorpus.write`.
-
-    Args:
-        directory: Folder holding ``<split>.jsonl``.
-        split: One of ``"train"``, ``"dev"``, ``"test"``.
-
-    Returns:
-        The split's QA pairs in file order.
-
-    Raises:
-        ValueError: If ``split`` is not a known split name.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return [QAPair(**row) for row in _read_jsonl(Path(directory) / f"{split}.jsonl")]
-
-
 @dataclass(frozen=True)
 class SyntheticCorpus:
     """Documents plus QA pairs split by entity.
@@ -325,26 +295,13 @@ class SyntheticCorpus:
 
         Args:
             directory: Target folder; created if missing. Files are overwritten.
+            Read them back with ``regrad_engine.data`` (``eval_items``, ``meta_examples``).
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out / "corpus.jsonl", self.documents)
+        write_jsonl(out / "corpus.jsonl", self.documents)
         for name in SPLITS:
-            _write_jsonl(out / f"{name}.jsonl", (asdict(qa) for qa in self.split(name)))
-
-    @classmethod
-    def read(cls, directory: PathLike) -> "SyntheticCorpus":
-        """Reads a corpus written by :meth:`write`.
-
-        Args:
-            directory: Folder holding the four JSON-lines files.
-
-        Returns:
-            The corpus, equal to the one written.
-        """
-        documents = _read_jsonl(Path(directory) / "corpus.jsonl")
-        splits = {name: load_split(directory, name) for name in SPLITS}
-        return cls(documents=documents, **splits)
+            write_jsonl(out / f"{name}.jsonl", (asdict(qa) for qa in self.split(name)))
 
 
 # ---------------------------------------------------------------- generation
@@ -454,30 +411,3 @@ def generate_corpus(num_entities: int = 600, *, seed: int = 0, dev_fraction: flo
         name = "test" if index in test_idx else "dev" if index in dev_idx else "train"
         splits[name].extend(qas)
     return SyntheticCorpus(documents=documents, **splits)
-
-
-def distractor_ids(corpus: SyntheticCorpus, doc_id: str, k: int, rng: random.Random,
-                   *, candidates: Iterable[str] | None = None) -> list[str]:
-    """Draws ``k - 1`` distractor document ids to put beside a gold document.
-
-    Args:
-        corpus: Corpus whose documents are drawn from.
-        doc_id: The gold document's id (never returned).
-        k: Size of the full retrieval set (gold plus distractors), at least 1.
-        rng: Seeded random generator; the same state gives the same draw.
-        candidates: Optional ids to draw from instead of all documents (e.g.
-            only one split's documents); order matters for determinism.
-
-    Returns:
-        ``k - 1`` distinct document ids, none equal to ``doc_id``.
-
-    Raises:
-        ValueError: If ``k < 1`` or there are fewer than ``k - 1`` candidates.
-    """
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    pool_ids = list(candidates) if candidates is not None else [d["id"] for d in corpus.documents]
-    pool = list(dict.fromkeys(i for i in pool_ids if i != doc_id))
-    if len(pool) < k - 1:
-        raise ValueError(f"need {k - 1} distractors but only {len(pool)} candidates")
-    return rng.sample(pool, k - 1)

@@ -9,7 +9,13 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from regrad_engine.chunking import Chunk, CorpusError, chunk_documents, chunk_source, read_corpus
+from regrad_engine.chunking import (
+    Chunk,
+    CorpusError,
+    chunk_documents,
+    chunk_source,
+    read_corpus,
+)
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

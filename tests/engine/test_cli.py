@@ -55,16 +55,20 @@ def test_eval_prints_the_table(workspace, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["ask", "--store", "{root}/nowhere", "Who?"], "no regrad store"),
     (["ask", "--store", "{root}/store", "  "], "question is empty"),
-    (["ask", "--store", "{root}/store", "--k", "0", "Who?"], "must be >= 1"),
+    (["ask", "--store", "{root}/store", "--k", "0", "Who?"], "k must be a positive integer"),
+    (["ask", "--store", "{root}/store", "--gamma", "nan", "Who?"], "gamma must be finite"),
     (["ask", "--store", "{root}/store", "--model", "{root}/other", "Who?"], "fingerprint"),
     (["build", "--corpus", "{root}/missing.jsonl", "--meta", "{root}/meta/best", "--store", "{root}/s2"], "missing.jsonl"),
-    (["build", "--store", "{root}/store", "--delete", "no-such-doc"], "no-such-doc"),
+    (["delete", "--store", "{root}/store", "no-such-doc"], "no-such-doc"),
+    (["merge", "--store", "{root}/nowhere"], "no regrad store"),
+    (["train", "--data", "{root}/data", "--out", "{root}/m3", "--steps", "1", "--lora-target-modules", "nope"],
+     "no nn.Linear"),
     (["train", "--data", "{root}/data", "--out", "{root}/m2", "--steps", "0"], "steps"),
 ])
 def test_user_mistakes_get_a_message_not_a_traceback(workspace, capsys, argv, message):
     root, tiny = workspace
     argv = [a.format(root=root) for a in argv]
-    extra = [] if "--model" in argv else tiny
+    extra = [] if "--model" in argv or argv[0] in ("delete", "merge") else tiny
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -22,8 +22,12 @@ if not os.environ.get("ELASTICSEARCH_URL"):
 import torch  # noqa: E402
 
 from regrad_engine.cli import main  # noqa: E402
-from regrad_engine.elastic import ElasticsearchIndex, index_chunks, redacted_url  # noqa: E402
 from regrad_engine.retrieval import Hit, RetrievalError  # noqa: E402
+from regrad_engine.retrieval.elasticsearch import (  # noqa: E402
+    ElasticsearchIndex,
+    index_chunks,
+    redacted_url,
+)
 from tests.conftest import make_model, make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.elasticsearch
@@ -144,14 +148,14 @@ def test_id_field_reads_ids_from_the_source(name):
 
 def test_credentials_stay_out_of_reprs_errors_and_store_info(index, name):
     secrets = _secrets() + ["wr0ng-S3cret"]
-    texts = [repr(index), str(index), json.dumps(index.store_info())]
+    texts = [repr(index), str(index), json.dumps(index.info())]
     url = os.environ["ELASTICSEARCH_URL"]
     scheme, _, rest = url.partition("://")
     wrong = f"{scheme}://regrad-nobody:wr0ng-S3cret@{rest.rpartition('@')[2]}"
     with pytest.raises(RetrievalError) as err:  # 401 on a secured server, else no such index
         ElasticsearchIndex.open(wrong, f"{name}-missing")
     texts.append(str(err.value))
-    assert index.store_info()["url"] == redacted_url(url)
+    assert index.info()["url"] == redacted_url(url)
     for text in texts:
         assert not any(s in text for s in secrets), text
 
@@ -189,7 +193,7 @@ def test_cli_build_ask_and_delete_with_elasticsearch(workspace, capsys):
     assert first["doc_id"] in capsys.readouterr().out  # Elasticsearch finds the entity's own document
     assert main([*build, "--corpus", str(root / "data" / "corpus.jsonl"), "--store", str(root / "store")]) == 0
     assert "added 0 gradients" in capsys.readouterr().out
-    assert main(["build", "--store", str(root / "store"), "--delete", first["doc_id"]]) == 0
+    assert main(["delete", "--store", str(root / "store"), first["doc_id"]]) == 0
     assert first["doc_id"] not in ElasticsearchIndex.open(index=name)
 
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from regrad_engine.cli import build_parser, main
-from regrad_engine.elastic import ElasticsearchIndex, redacted_url
-from regrad_engine.pipeline import open_store_index, write_store_info
 from regrad_engine.retrieval import BM25Index, Hit, RetrievalError
+from regrad_engine.retrieval.elasticsearch import ElasticsearchIndex, redacted_url
+from regrad_engine.store import Store
 
 needs_client = pytest.mark.skipif(
     importlib.util.find_spec("elasticsearch") is None,
@@ -49,9 +49,10 @@ def test_credentials_stay_out_of_repr_and_store_info(monkeypatch, tmp_path):
     for index in (ElasticsearchIndex(f"http://elastic:{SECRET}@127.0.0.1:9", "docs"),
                   ElasticsearchIndex(DEAD, "docs", api_key="arg-" + SECRET),
                   ElasticsearchIndex(DEAD, "docs", username="elastic", password=SECRET)):
-        info = index.store_info()
+        info = index.info()
         assert info["url"] == DEAD and info["type"] == "elasticsearch" and info["index"] == "docs"
-        write_store_info(tmp_path, model_name="m", meta_path="meta", doc_max_tokens=8, retriever=info)
+        (tmp_path / "regrad.json").unlink(missing_ok=True)
+        Store.create(tmp_path, model_name="m", meta_path="meta", doc_max_tokens=8, retriever=info)
         for text in (repr(index), str(index), json.dumps(info), (tmp_path / "regrad.json").read_text()):
             assert SECRET not in text
 
@@ -113,9 +114,9 @@ def test_bad_input_is_rejected_before_contacting_the_server():
     index = ElasticsearchIndex(DEAD, client=NEVER_CALLED)
     with pytest.raises(RetrievalError, match="non-empty string 'id'"):
         index.add([{"id": "a", "text": "fine"}, {"id": "", "text": "no id"}])
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
         index.retrieve("q", 0)
-    with pytest.raises(ValueError, match="non-empty string"):
+    with pytest.raises(ValueError, match="query is empty|must be a string"):
         index.retrieve_batch(["ok", "  "], 2)
     assert index.add([]) == 0 and index.delete([]) == 0
 
@@ -151,13 +152,13 @@ def test_store_names_its_retriever(tmp_path, monkeypatch):
     old.mkdir()
     (old / "regrad.json").write_text(json.dumps({"model": "m", "meta": "x", "doc_max_tokens": 8}))
     BM25Index.create(old / "index").save()
-    assert isinstance(open_store_index(old), BM25Index)
+    assert isinstance(Store.open(old).index(), BM25Index)
     es = tmp_path / "es"
-    info = ElasticsearchIndex(f"http://elastic:{SECRET}@127.0.0.1:9", "docs", content_field="body").store_info()
-    write_store_info(es, model_name="m", meta_path="x", doc_max_tokens=8, retriever=info)
+    info = ElasticsearchIndex(f"http://elastic:{SECRET}@127.0.0.1:9", "docs", content_field="body").info()
+    Store.create(es, model_name="m", meta_path="x", doc_max_tokens=8, retriever=info)
     monkeypatch.setenv("ELASTICSEARCH_PASSWORD", SECRET)
     with pytest.raises(RetrievalError, match=r"at http://127\.0\.0\.1:9 ") as err:
-        open_store_index(es)  # credentials come from the environment, the URL from the store
+        Store.open(es).index()  # credentials come from the environment, the URL from the store
     assert SECRET not in str(err.value)
 
 

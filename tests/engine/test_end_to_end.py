@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from regrad_engine.chunking import chunk_documents
+from regrad_engine.datasets.synthetic import generate_corpus
 from regrad_engine.metrics import score_predictions
 from regrad_engine.models import load_model, parameter_hash
-from regrad_engine.pipeline import build_store, open_engine
-from regrad_engine.datasets.synthetic import generate_corpus
+from regrad_engine.store import build_store, open_engine
 
-META = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m-synth"
+META = Path(__file__).resolve().parents[2] / "regrad_engine" / "checkpoints" / "smollm2-135m-synth"
 pytestmark = pytest.mark.slow
 
 

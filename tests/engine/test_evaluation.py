@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from regrad_engine.data import DataError, eval_items, meta_examples
-from regrad_engine.evaluation import EvalRun, evaluate_systems, markdown_tables, summarize
+from regrad_engine.evaluation import (
+    EvalRun,
+    evaluate_systems,
+    markdown_tables,
+    summarize,
+)
 from regrad_engine.metrics import bootstrap_interval, top_answer_share
 from tests.conftest import DOCS, make_model, make_tokenizer
 

@@ -5,7 +5,13 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from regrad_engine.lora import LoraSpace, apply_update, batch_phi, default_lora_config, init_step_sizes
+from regrad_engine.lora import (
+    LoraSpace,
+    apply_update,
+    batch_phi,
+    default_lora_config,
+    init_step_sizes,
+)
 from regrad_engine.models import parameter_hash
 from tests.conftest import random_phi
 

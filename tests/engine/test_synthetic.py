@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
-from regrad_engine.datasets.synthetic import (
-    SyntheticCorpus,
-    distractor_ids,
-    generate_corpus,
-    load_split,
-)
+from regrad_engine.data import eval_items, load_documents, meta_examples
+from regrad_engine.datasets.synthetic import SyntheticCorpus, generate_corpus
 
 
 @pytest.fixture(scope="module")
@@ -71,26 +66,21 @@ def test_document_length(corpus: SyntheticCorpus) -> None:
         assert doc["text"].startswith(doc["entity"]) or doc["text"].startswith("The ")
 
 
-def test_write_read_roundtrip(corpus: SyntheticCorpus, tmp_path: Path) -> None:
+def test_written_corpus_reads_back_through_the_data_layer(corpus: SyntheticCorpus, tmp_path: Path) -> None:
     corpus.write(tmp_path / "syn")
     assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == [
         "corpus.jsonl", "dev.jsonl", "test.jsonl", "train.jsonl"]
-    assert SyntheticCorpus.read(tmp_path / "syn") == corpus
-    assert load_split(tmp_path / "syn", "dev") == corpus.dev
-    with pytest.raises(ValueError):
-        load_split(tmp_path / "syn", "valid")
+    assert list(load_documents(tmp_path / "syn").values()) == corpus.documents
+    items = eval_items(tmp_path / "syn", "dev", k=3, seed=5)
+    assert sorted(i.question for i in items) == sorted(qa.question for qa in corpus.dev)
+    assert items == eval_items(tmp_path / "syn", "dev", k=3, seed=5)  # seeded
+    dev_docs = {qa.doc_id for qa in corpus.dev}
+    for item in items:  # gold among k-1 distractors drawn from the same split's documents
+        assert len(set(item.doc_ids)) == 3 and item.gold_id in item.doc_ids and set(item.doc_ids) <= dev_docs
+    tasks = meta_examples(tmp_path / "syn", "dev", k=3, seed=5)
+    by_id = load_documents(tmp_path / "syn")
+    assert [t.passages for t in tasks] == [[by_id[d]["text"] for d in i.doc_ids] for i in items]
 
-
-def test_distractor_ids(corpus: SyntheticCorpus) -> None:
-    gold = corpus.documents[7]["id"]
-    first = distractor_ids(corpus, gold, 8, random.Random(5))
-    assert first == distractor_ids(corpus, gold, 8, random.Random(5))
-    assert len(first) == 7 and len(set(first)) == 7 and gold not in first
-    assert distractor_ids(corpus, gold, 1, random.Random(0)) == []
-    only = distractor_ids(corpus, gold, 3, random.Random(0), candidates=[gold, "a", "b"])
-    assert sorted(only) == ["a", "b"]
-    with pytest.raises(ValueError):
-        distractor_ids(corpus, gold, 500, random.Random(0))
 
 
 def test_bad_arguments() -> None:

@@ -97,5 +97,5 @@ def test_missing_checkpoint_prints_the_train_command(tmp_path, capsys, monkeypat
     monkeypatch.setattr(medical_bot, "DEFAULT_META", tmp_path / "no-general")
     assert medical_bot.main(["--workdir", str(tmp_path)]) == 2
     out = capsys.readouterr().out
-    assert "regrad data --out runs/general" in out and "--init-from checkpoints/smollm2-135m-synth --mode mixed" in out
+    assert "regrad data --out runs/general" in out and "--init-from regrad_engine/checkpoints/smollm2-135m-synth --mode mixed" in out
     assert "no synthetic meta checkpoint" in out

@@ -10,15 +10,15 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 
 from regrad_engine.chunking import chunk_documents
+from regrad_engine.datasets.synthetic import generate_corpus
 from regrad_engine.metrics import score_predictions
 from regrad_engine.models import load_model
-from regrad_engine.pipeline import build_store, open_engine
-from regrad_engine.datasets.synthetic import generate_corpus
+from regrad_engine.store import build_store, open_engine
 from regrad_integrations.langchain import regrad_langchain
 from tests.integrations.snippets.langchain_rag import build_chain, format_docs
 from tests.integrations.snippets.llama_index_rag import build_query_engine
 
-META = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-135m-synth"
+META = Path(__file__).resolve().parents[2] / "regrad_engine" / "checkpoints" / "smollm2-135m-synth"
 pytestmark = pytest.mark.slow
 
 

@@ -13,7 +13,11 @@ from llama_index.core.schema import NodeWithScore, TextNode  # noqa: E402
 
 from regrad_engine.errors import RequestError  # noqa: E402
 from regrad_engine.retrieval import Hit  # noqa: E402
-from regrad_integrations.llama_index import ReGradLLM, ReGradQueryEngine, ReGradRetriever  # noqa: E402
+from regrad_integrations.llama_index import (  # noqa: E402
+    ReGradLLM,
+    ReGradQueryEngine,
+    ReGradRetriever,
+)
 from tests.conftest import DOCS, make_engine, make_tokenizer  # noqa: E402
 from tests.integrations.snippets.llama_index_rag import (  # noqa: E402
     build_pipeline_query_engine,

@@ -1,4 +1,4 @@
-"""Lexical retrieval: the :class:`Retriever` protocol and an embedded BM25 index.
+"""The embedded retriever: an on-disk BM25 index (backend ``"bm25"``, the default).
 
 An index directory holds three things:
 
@@ -21,50 +21,26 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import bm25s
 import numpy as np
 
-from regrad_engine.chunking import Chunk
+from regrad_engine.files import atomic_write
+from regrad_engine.retrieval.base import (
+    Hit,
+    RetrievalError,
+    check_query,
+    records,
+    register_backend,
+)
 
 logger = logging.getLogger(__name__)
 
 _META = "regrad-bm25.json"
 _STORE = "docs.jsonl"
 _FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One retrieved document.
-
-    Attributes:
-        id: Document (chunk) id.
-        text: Document text.
-        score: Retrieval score; higher is better (0.0 when not from a search).
-        metadata: Document metadata (e.g. ``title``).
-    """
-
-    id: str
-    text: str
-    score: float
-    metadata: dict = field(default_factory=dict)
-
-
-@runtime_checkable
-class Retriever(Protocol):
-    """Anything that returns the ``k`` best documents for a query."""
-
-    def retrieve(self, query: str, k: int) -> list[Hit]: ...  # at most k hits, best first
-
-    def retrieve_batch(self, queries: list[str], k: int) -> list[list[Hit]]: ...  # retrieve() per query
-
-
-class RetrievalError(ValueError):
-    """An index is missing, corrupt or cannot be created, or a document is invalid."""
 
 
 def _make_stemmer(name: str | None) -> Any:
@@ -81,32 +57,7 @@ def _make_stemmer(name: str | None) -> Any:
     return Stemmer.Stemmer(name)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _record(doc: Any, n: int) -> tuple[str, str, dict]:
-    """Turn a Chunk, Hit or dict into ``(id, text, metadata)``; n is its position for errors."""
-    if isinstance(doc, Mapping):
-        doc_id, text = doc.get("id"), doc.get("text")
-        meta = dict(doc["metadata"]) if isinstance(doc.get("metadata"), Mapping) else {}
-        meta.update({k: v for k, v in doc.items() if k not in ("id", "text", "metadata", "score")})
-    else:
-        doc_id, text, meta = getattr(doc, "id", None), getattr(doc, "text", None), dict(getattr(doc, "metadata", {}))
-    if isinstance(doc_id, int) and not isinstance(doc_id, bool):
-        doc_id = str(doc_id)
-    if not isinstance(doc_id, str) or not doc_id:
-        raise RetrievalError(f"document #{n}: needs a non-empty string 'id' (pass Chunk objects or dicts with id/text)")
-    if not isinstance(text, str) or not text.strip():
-        raise RetrievalError(f"document #{n} (id {doc_id!r}): needs a non-empty string 'text'")
-    return doc_id, text, meta
-
-
+@register_backend("bm25")
 class BM25Index:
     """Embedded on-disk BM25 index built on `bm25s <https://github.com/xhluca/bm25s>`_.
 
@@ -171,8 +122,8 @@ class BM25Index:
         path.mkdir(parents=True, exist_ok=True)
         meta = {"format": _FORMAT, "stemmer": stemmer if stem is not None else None, "stopwords": stopwords,
                 "generation": 0, "has_index": False, "store_sha256": hashlib.sha256(b"").hexdigest()}
-        _atomic_write(path / _STORE, b"")
-        _atomic_write(path / _META, json.dumps(meta, indent=2).encode())
+        atomic_write(path / _STORE, b"")
+        atomic_write(path / _META, json.dumps(meta, indent=2).encode())
         return cls(path, meta, {}, meta["store_sha256"], mmap=False)
 
     @classmethod
@@ -248,7 +199,7 @@ class BM25Index:
             os.fsync(f.fileno())
         self._stale = self._dirty = True
 
-    def add(self, docs: Iterable[Chunk | Mapping[str, Any]]) -> int:
+    def add(self, docs: Iterable[Any]) -> int:
         """Add or replace documents (the last one with a given id wins).
 
         The records are appended to the doc store on disk right away; the BM25
@@ -266,24 +217,15 @@ class BM25Index:
             RetrievalError: If a document lacks an id/text or has metadata that
                 is not JSON-serializable; nothing is written in that case.
         """
-        if isinstance(docs, (Mapping, Chunk, Hit)):
-            docs = [docs]
-        records, lines = [], []
-        for n, doc in enumerate(docs):
-            doc_id, text, meta = _record(doc, n)
-            try:
-                json.dumps(meta)
-            except (TypeError, ValueError) as exc:
-                raise RetrievalError(f"document #{n} (id {doc_id!r}): metadata is not JSON-serializable ({exc})") from exc
-            records.append((doc_id, text, meta))
-            lines.append({"id": doc_id, "text": text, "metadata": meta})
-        if not records:
+        checked = records(docs)
+        lines = [{"id": doc_id, "text": text, "metadata": meta} for doc_id, text, meta in checked]
+        if not checked:
             return 0
         self._append(lines)
-        for doc_id, text, meta in records:
+        for doc_id, text, meta in checked:
             self._docs.pop(doc_id, None)
             self._docs[doc_id] = (text, meta)
-        return len(records)
+        return len(checked)
 
     def delete(self, ids: str | Iterable[str]) -> int:
         """Delete documents by id; unknown ids are ignored.
@@ -320,8 +262,24 @@ class BM25Index:
         """Return all document ids in store order."""
         return list(self._docs)
 
+    def missing(self, ids: Iterable[str]) -> list[str]:
+        """The ids (in order, once each) that are not in the index."""
+        return [i for i in dict.fromkeys(ids) if i not in self._docs]
+
+    def info(self) -> dict:
+        """What a store's ``regrad.json`` records: the index lives in the store's ``index/``."""
+        return {"type": self.kind}
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any], directory: Path) -> BM25Index:
+        """The store's index in ``directory`` (created empty if there is none yet)."""
+        return cls.open_or_create(directory)
+
     def __repr__(self) -> str:
         return f"BM25Index({str(self.path)!r}, docs={len(self)}, stale={self._stale})"
+
+    def __str__(self) -> str:
+        return f"the BM25 index at {self.path}"
 
     def _tokenize(self, texts: str | list[str], return_ids: bool = True) -> Any:
         return bm25s.tokenize(texts, stopwords=self._meta["stopwords"], stemmer=self._stemmer,
@@ -349,14 +307,6 @@ class BM25Index:
             self._stale = False
             self._dirty = True
 
-    @staticmethod
-    def _check(queries: list[str], k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be >= 1, got {k!r}")
-        for q in queries:
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"query must be a non-empty string, got {q!r}")
-
     def _search(self, query: str, k: int) -> list[Hit]:
         if self._bm25 is None:
             return []
@@ -383,16 +333,15 @@ class BM25Index:
         empty. Equal scores are ordered by id.
 
         Raises:
-            ValueError: If ``k < 1`` or the query is empty or blank.
+            RequestError: If ``k`` is not a positive int or the query is empty or blank.
         """
-        self._check([query], k)
+        check_query([query], k)
         self._ensure_index()
         return self._search(query, k)
 
     def retrieve_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
         """Return ``retrieve(q, k)`` for every query, in order."""
-        queries = list(queries)
-        self._check(queries, k)
+        queries = check_query(queries, k)
         self._ensure_index()
         return [self._search(q, k) for q in queries]
 
@@ -416,10 +365,10 @@ class BM25Index:
             json.dumps({"id": i, "text": t, "metadata": m}, ensure_ascii=False).encode() + b"\n"
             for i, (t, m) in self._docs.items()
         )
-        _atomic_write(self.path / _STORE, data)
+        atomic_write(self.path / _STORE, data)
         meta = {**self._meta, "generation": gen, "has_index": self._bm25 is not None,
                 "store_sha256": hashlib.sha256(data).hexdigest(), "num_docs": len(self._docs)}
-        _atomic_write(self.path / _META, json.dumps(meta, indent=2).encode())
+        atomic_write(self.path / _META, json.dumps(meta, indent=2).encode())
         self._meta = meta
         for old in self.path.glob("bm25-*"):
             if old != new_dir:

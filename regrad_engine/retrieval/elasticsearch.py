@@ -1,7 +1,7 @@
 """Elasticsearch as the retriever: BM25 ``multi_match`` over an index on a server.
 
-:class:`ElasticsearchIndex` implements the :class:`~regrad_engine.retrieval.Retriever`
-protocol and the management API of :class:`~regrad_engine.retrieval.BM25Index`.
+:class:`ElasticsearchIndex` implements the :class:`~regrad_engine.retrieval.base.DocumentIndex`
+protocol and the same management API as :class:`~regrad_engine.retrieval.bm25.BM25Index`.
 Documents written by :meth:`ElasticsearchIndex.add` look like this (the layout
 of langchain-elasticsearch's ``ElasticsearchStore``, so either can read an
 index the other wrote):
@@ -14,23 +14,28 @@ index the other wrote):
 Credentials come from the arguments, the URL's ``user:password@`` part or the
 environment (``ELASTICSEARCH_API_KEY``, or ``ELASTICSEARCH_USERNAME`` and
 ``ELASTICSEARCH_PASSWORD``). They are handed to the client and kept out of
-reprs, error messages and :meth:`ElasticsearchIndex.store_info`.
+reprs, error messages and :meth:`ElasticsearchIndex.info`.
 
 The client is an optional dependency: ``pip install 'regrad[elasticsearch]'``.
 """
 
 from __future__ import annotations
 
-import json
-import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from regrad_engine.chunking import Chunk
-from regrad_engine.retrieval import Hit, RetrievalError, _record
+from regrad_engine.data import Chunk
+from regrad_engine.retrieval.base import (
+    Hit,
+    RetrievalError,
+    check_query,
+    records,
+    register_backend,
+)
 
 ENV_URL, ENV_API_KEY = "ELASTICSEARCH_URL", "ELASTICSEARCH_API_KEY"
 ENV_USERNAME, ENV_PASSWORD = "ELASTICSEARCH_USERNAME", "ELASTICSEARCH_PASSWORD"
@@ -120,6 +125,7 @@ def _vector_fields(properties: dict, prefix: str = "") -> list[str]:
     return out
 
 
+@register_backend("elasticsearch")
 class ElasticsearchIndex:
     """A BM25 retriever over an Elasticsearch index, new or written by another tool.
 
@@ -260,7 +266,7 @@ class ElasticsearchIndex:
         return self
 
     @classmethod
-    def from_store_info(cls, info: Mapping[str, Any]) -> ElasticsearchIndex:
+    def from_info(cls, info: Mapping[str, Any], directory: Path | None = None) -> ElasticsearchIndex:
         """Open the index a store's ``regrad.json`` names; credentials come from the environment.
 
         The stored URL has no credentials; ``$ELASTICSEARCH_URL`` is used instead
@@ -274,11 +280,14 @@ class ElasticsearchIndex:
                         title_field=info.get("title_field", "title"), id_field=info.get("id_field"),
                         search_fields=info.get("search_fields"), verify_certs=info.get("verify_certs", True))
 
-    def store_info(self) -> dict:
-        """What a store records about this index (no credentials)."""
+    def info(self) -> dict:
+        """What a store's ``regrad.json`` records about this index (no credentials)."""
         return {"type": "elasticsearch", "url": self.url, "index": self.index, "content_field": self.content_field,
                 "title_field": self.title_field, "id_field": self.id_field, "search_fields": self.search_fields,
                 "verify_certs": self.verify_certs}
+
+    def __str__(self) -> str:
+        return f"Elasticsearch index {self.index} at {self.url}"
 
     def __repr__(self) -> str:
         return f"ElasticsearchIndex({self.url!r}, index={self.index!r}, content_field={self.content_field!r})"
@@ -384,7 +393,7 @@ class ElasticsearchIndex:
         return Hit(str(doc_id if doc_id is not None else raw["_id"]), text if isinstance(text, str) else "",
                    float(raw.get("_score") or 0.0), meta)
 
-    def add(self, docs: Iterable[Chunk | Mapping[str, Any]]) -> int:
+    def add(self, docs: Iterable[Any]) -> int:
         """Add or replace documents (by id); the same inputs as :meth:`BM25Index.add`.
 
         All documents are checked before anything is sent; a server-side
@@ -397,18 +406,8 @@ class ElasticsearchIndex:
             RetrievalError: A document lacks id/text or has metadata that is not
                 JSON-serializable, or the server refused some documents.
         """
-        if isinstance(docs, (Mapping, Chunk, Hit)):
-            docs = [docs]
-        actions = []
-        for n, doc in enumerate(docs):
-            doc_id, text, meta = _record(doc, n)
-            try:
-                json.dumps(meta)
-            except (TypeError, ValueError) as exc:
-                raise RetrievalError(f"document #{n} (id {doc_id!r}): metadata is not JSON-serializable "
-                                     f"({exc})") from exc
-            actions.append({"_op_type": "index", "_index": self.index, "_id": doc_id,
-                            "_source": self._source(doc_id, text, meta)})
+        actions = [{"_op_type": "index", "_index": self.index, "_id": doc_id,
+                    "_source": self._source(doc_id, text, meta)} for doc_id, text, meta in records(docs)]
         if not actions:
             return 0
         es = _client_module()
@@ -528,14 +527,6 @@ class ElasticsearchIndex:
         source = [self.id_field] if self.id_field else False
         return [hit.id for hit in self.documents(source=source)]
 
-    @staticmethod
-    def _check(queries: list[str], k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k must be >= 1, got {k!r}")
-        for q in queries:
-            if not isinstance(q, str) or not q.strip():
-                raise ValueError(f"query must be a non-empty string, got {q!r}")
-
     def _query(self, query: str) -> dict:
         return {"multi_match": {"query": query, "fields": self.search_fields}}
 
@@ -543,10 +534,10 @@ class ElasticsearchIndex:
         """Return up to ``k`` documents matching ``query``, best first (BM25 ``multi_match``).
 
         Raises:
-            ValueError: If ``k < 1`` or the query is empty or blank.
+            RequestError: If ``k`` is not a positive int or the query is empty or blank.
             RetrievalError: If the server cannot be reached or the search fails.
         """
-        self._check([query], k)
+        check_query([query], k)
         excludes = self._fields()["excludes"] or None
         with self._errors("search"):
             self._sync()
@@ -556,8 +547,7 @@ class ElasticsearchIndex:
 
     def retrieve_batch(self, queries: list[str], k: int) -> list[list[Hit]]:
         """Return ``retrieve(q, k)`` for every query, in order, with one ``msearch`` request."""
-        queries = list(queries)
-        self._check(queries, k)
+        queries = check_query(queries, k)
         if not queries:
             return []
         body: dict[str, Any] = {"size": int(k), "track_total_hits": False}
