@@ -240,14 +240,15 @@ class GradientBank:
         if not (path / name).is_file():
             if num_workers == 1 and cls._worker_manifests(path):
                 raise BankError(f"the Gradient Bank at {path} was built by several workers and not merged yet: "
-                                "run `regrad merge` (GradientBank.merge) first")
+                                "run `regrad merge --store <the store above it>` (GradientBank.merge) first")
             if num_workers > 1 and (path / _MAIN_MANIFEST).exists():
                 raise BankError(f"worker {worker} has no manifest ({name}) in {path}: use open_or_create")
             raise BankError(f"no Gradient Bank at {path}: build one with `regrad build ...`")
         meta = _read_manifest(path / name)
         cls._check_meta(meta, path, None if binding is None else _norm_binding(binding), shapes, dtype)
         if num_workers == 1 and cls._worker_manifests(path):
-            logger.warning("%s has unmerged worker manifests: run `regrad merge` to include them", path)
+            logger.warning("%s has unmerged worker manifests: run `regrad merge --store <the store above it>` "
+                           "to include them", path)
         base = _read_manifest(path / _MAIN_MANIFEST) if num_workers > 1 and (path / _MAIN_MANIFEST).exists() else None
         if num_workers > 1 and int(meta.get("num_workers", num_workers)) != num_workers:
             raise BankError(f"{name} in {path} was written with num_workers={meta.get('num_workers')}, "

@@ -276,13 +276,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             if isinstance(field.annotation, types.UnionType) or typing.get_origin(field.annotation) is typing.Union \
             else [field.annotation]
         kind = kinds[0]
-        default = field.default if field.default is not None and not callable(field.default) else None
-        help_text = f"{field.description} (default: {default})" if default is not None else field.description
-        options: dict = {"dest": dest, "default": None, "help": help_text}
+        if field.is_required():
+            help_text = f"{field.description} (required, here or in --config)"
+        elif field.default is not None:
+            help_text = f"{field.description} (default: {field.default})"
+        else:
+            help_text = field.description
+        options: dict = {"dest": dest, "default": None, "help": help_text, "metavar": name.upper().replace("-", "_")}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+            del options["metavar"]
         elif typing.get_origin(kind) is typing.Literal:
             options["choices"] = list(typing.get_args(kind))
+            del options["metavar"]
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
             options["type"] = lambda text, item=item: [item(x) for x in text.split(",") if x.strip()]

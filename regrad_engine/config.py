@@ -23,7 +23,7 @@ class LoraSettings(_Strict):
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scaling = lora_alpha / r).")
     target_modules: list[str] = Field(["gate_proj", "up_proj", "down_proj"], min_length=1,
                                       description="Names of the linear layers to adapt.")
-    layers: list[int] | None = Field(None, description="Block indices to adapt (default: an upper-middle quarter).")
+    layers: list[int] | None = Field(None, description="Block indices to adapt (default: a fifth of the blocks, in the upper middle).")
 
 
 class MetaTrainConfig(_Strict):

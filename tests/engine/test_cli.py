@@ -72,3 +72,20 @@ def test_user_mistakes_get_a_message_not_a_traceback(workspace, capsys, argv, me
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_train_flags_come_from_the_config_fields():
+    from regrad_engine.cli import _config_overrides, build_parser
+    from regrad_engine.config import MetaTrainConfig
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--lora-target-modules", "q_proj,v_proj",
+                                      "--rank", "4", "--no-resume", "--bf16", "--alpha-mode", "full", "--lr", "3e-4"])
+    overrides = _config_overrides(args)
+    assert overrides == {"data": "d", "out": "o", "lora": {"target_modules": ["q_proj", "v_proj"], "r": 4},
+                         "resume": False, "bf16": True, "alpha_mode": "full", "lr": 3e-4}
+    cfg = MetaTrainConfig(**overrides)
+    assert cfg.lora.r == 4 and cfg.lora.target_modules == ["q_proj", "v_proj"] and not cfg.resume
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in MetaTrainConfig.model_fields:  # every field has its flag
+        if name != "lora":
+            assert "--" + name.replace("_", "-") in help_text, name

@@ -56,12 +56,26 @@ def test_documents_from_elsewhere_are_used_by_id(engine):
         engine.answer("What jumps over the dog?", documents=[Hit(id="new", text="A new text.", score=1.0)])
 
 
-@pytest.mark.parametrize("kwargs, message", [({"k": 0}, "k must be"), ({"mode": "both"}, "mode must be")])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"k": 0}, "k must be"), ({"k": 2.5}, "k must be"), ({"k": True}, "k must be"), ({"k": "3"}, "k must be"),
+    ({"mode": "both"}, "mode must be"), ({"mode": ""}, "mode must be"),
+    ({"gamma": float("nan")}, "gamma must be"), ({"gamma": float("inf")}, "gamma must be"),
+    ({"gamma": 1e6}, "gamma must be"), ({"gamma": "1"}, "gamma must be"),
+])
 def test_bad_requests_are_refused(engine, kwargs, message):
-    with pytest.raises((RequestError, ValueError), match=message):
+    with pytest.raises(RequestError, match=message):
         engine.answer("Where was Velmora Quistan born?", **kwargs)
+    with pytest.raises(RequestError, match=message):
+        engine.stream("Where was Velmora Quistan born?", **kwargs).__next__()
     with pytest.raises(RequestError, match="empty"):
         engine.answer("   ")
+
+
+def test_a_string_is_not_a_list_of_questions(engine):
+    with pytest.raises(RequestError, match="list of questions"):
+        engine.answer_batch("abc")
+    with pytest.raises(RequestError, match="list of prompts"):
+        engine.complete_batch("abc", [[]])
 
 
 def test_stream_yields_the_same_text(engine):
