@@ -8,28 +8,43 @@ the top-k retrieved documents are fetched and summed (:meth:`GradientBank.sum`).
 
 Layout of a bank directory::
 
-    manifest.json                       # {format_version, binding, shapes, storage_dtype,
-                                        #  shards: [{file, ids}], deleted: [...], ...}
-    shard-w000-000000.safetensors       # one stacked tensor per key: (n_rows, *shape)
+    manifest.json                       # {format_version, binding, shapes, storage_dtype, shards:
+                                        #  [{file, ids, bytes, sums, texts}], deleted: [...], ...}
+    shard-w000-<session>-000000.safetensors   # one stacked tensor per key: (n_rows, *shape)
     manifest.w001.json                  # only while worker 1 of N builds (before merge)
+    .writer.lock, .writer.lock.json     # the single writer's lock and who holds it
 
-Writes are append-only: pending rows are flushed as a new shard file (tmp + os.replace),
-then the manifest is rewritten atomically, so a killed build loses only unflushed rows.
-When a document id appears in several shards (overwrite), the latest shard wins.
-Reads are lazy and memory-mapped through ``safetensors.safe_open``.
+Writes are append-only: pending rows are flushed as a new shard file (tmp + fsync +
+os.replace) every ``shard_size`` documents or ``flush_seconds``, whichever comes first,
+then the manifest is rewritten atomically: a killed build loses only the unflushed rows.
+When a document id appears in several shards (overwrite), the latest shard wins;
+:meth:`GradientBank.compact` drops the dead rows from disk.
 
-A bank object is not thread-safe, and two processes must not write the same manifest
-(use distinct ``worker`` indices and :meth:`GradientBank.merge`).
+Integrity: the manifest records each shard's size and ids (also stored in the shard's
+header) and a checksum (blake2b) of every entry, plus a hash of the text each gradient was
+computed from. Opening checks every shard's size and header ids (cheap); reading checks the
+served entries' checksums and that their values are finite. A mismatch raises
+:class:`BankCorruptError` naming the file and the repair (``regrad verify --repair``, then
+``regrad build`` recomputes what was dropped); non-finite gradients are refused at write time.
+
+One writer: every writing bank object holds an exclusive lock (:class:`~regrad_engine.files.WriterLock`,
+one per manifest, so distributed workers write side by side); a second writer gets
+:class:`BankLockedError` naming the holder. Shard names carry a per-writer session token.
+Reads are lazy and memory-mapped through ``safetensors.safe_open``; readers take no lock. A
+bank object is not thread-safe.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
 import re
+import secrets
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,19 +54,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from regrad_engine.errors import (
+    BankCorruptError,
     BankError,
+    BankLockedError,
     BankMismatchError,
     InvalidInputError,
     UnknownDocumentError,
 )
-from regrad_engine.files import atomic_write, atomic_write_json
+from regrad_engine.files import LockHeld, WriterLock, atomic_write, atomic_write_json, describe_holder
 
 __all__ = [
+    "BankCorruptError",
+    "BankLockedError",
     "BankError",
     "BankMismatchError",
     "UnknownDocumentError",
     "InvalidInputError",
     "GradientBank",
+    "VerifyReport",
+    "entry_checksum",
+    "text_hash",
 ]
 
 logger = logging.getLogger(__name__)
@@ -120,18 +142,95 @@ def _binding_diff(stored: dict, given: dict) -> list[str]:
     ]
 
 
+_REPAIR = "run `regrad verify --store <the store> --repair`, then `regrad build` again to recompute what it drops"
+
+
 def _read_manifest(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BankError(f"cannot read bank manifest {path}: {exc}; the bank is corrupted, rebuild it") from None
-    version = data.get("format_version")
+    except OSError as exc:
+        raise BankError(f"cannot read bank manifest {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise BankCorruptError(f"bank manifest {path} is not valid JSON ({exc}): the bank is damaged; "
+                               "delete the bank directory and run `regrad build` again") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
     if not isinstance(version, int) or version > GradientBank.FORMAT_VERSION:
         raise BankError(
             f"{path} has format_version {version!r}, this regrad reads <= {GradientBank.FORMAT_VERSION}: "
             "upgrade regrad or rebuild the bank"
         )
+    problem = _manifest_problem(data)
+    if problem:
+        raise BankCorruptError(f"bank manifest {path} is damaged ({problem}): delete the bank directory and run "
+                               "`regrad build` again")
     return data
+
+
+def _manifest_problem(data: dict) -> str | None:
+    """What is wrong with a manifest's structure, or None."""
+    if not isinstance(data.get("binding"), dict):
+        return "no 'binding'"
+    if not isinstance(data.get("shapes"), dict) or not data["shapes"]:
+        return "no 'shapes'"
+    if data.get("storage_dtype") not in _DTYPES:
+        return f"unknown storage_dtype {data.get('storage_dtype')!r}"
+    if not isinstance(data.get("shards"), list) or not isinstance(data.get("deleted", []), list):
+        return "no 'shards' list"
+    for shard in data["shards"]:
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not isinstance(shard.get("ids"), list):
+            return f"shard record {shard!r} lacks file/ids"
+        for field in ("sums", "texts"):
+            if field in shard and (not isinstance(shard[field], list) or len(shard[field]) != len(shard["ids"])):
+                return f"shard {shard['file']}: '{field}' does not list one value per id"
+    return None
+
+
+def entry_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """Checksum of one entry's bytes (storage dtype), keys in sorted order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def text_hash(text: str) -> str:
+    """Hash of the text a gradient was computed from (content-aware rebuilds)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _take(lock: WriterLock, path: Path) -> None:
+    try:
+        lock.acquire()
+    except LockHeld as held:
+        raise BankLockedError(f"the Gradient Bank at {path} is being written by {describe_holder(held.holder)}: "
+                              "wait for that build to finish or stop it, then run again (a writer that died "
+                              "leaves no lock behind)") from None
+    except PermissionError:
+        raise BankError(f"cannot write to the Gradient Bank at {path}: the directory is read-only for this user "
+                        "(serving from it needs no write access; building does)") from None
+
+
+class VerifyReport:
+    """What :meth:`GradientBank.verify` found: damaged shards and entries, and what it repaired."""
+
+    def __init__(self) -> None:
+        self.entries_checked = 0
+        self.damaged: dict[str, str] = {}  # document id -> what is wrong
+        self.damaged_shards: dict[str, str] = {}  # shard file -> what is wrong
+        self.repaired = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.damaged_shards
+
+    def __str__(self) -> str:
+        lines = [f"{self.entries_checked} entries checked"]
+        lines += [f"shard {f}: {why}" for f, why in sorted(self.damaged_shards.items())]
+        lines += [f"entry {i!r}: {why}" for i, why in sorted(self.damaged.items())[:20]]
+        if len(self.damaged) > 20:
+            lines.append(f"... and {len(self.damaged) - 20} more damaged entries")
+        return "\n".join(lines)
 
 
 class GradientBank:
@@ -144,11 +243,11 @@ class GradientBank:
         storage_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
     """
 
-    FORMAT_VERSION = 1
+    FORMAT_VERSION = 2  # 2: per-shard size, entry checksums and text hashes (1 is still read)
 
     # ---------------------------------------------------------------- construction
     def __init__(self, path: Path, meta: dict, base: dict | None, worker: int, num_workers: int,
-                 shard_size: int | None = None) -> None:
+                 shard_size: int | None = None, flush_seconds: float = 30.0, strict: bool = True) -> None:
         """Internal: use :meth:`create`, :meth:`open`, :meth:`open_or_create` or :meth:`merge`."""
         self.path = path
         self._worker, self._num_workers = worker, num_workers
@@ -156,22 +255,52 @@ class GradientBank:
         self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in meta["shapes"].items()}
         self.storage_dtype: str = meta["storage_dtype"]
         self._dtype = _DTYPES[self.storage_dtype]
-        self.shard_size = int(shard_size or meta.get("shard_size", 256))
-        self._shards: list[dict] = [dict(file=s["file"], ids=list(s["ids"])) for s in meta["shards"]]
+        self.shard_size = int(shard_size or meta.get("shard_size", 64))
+        self.flush_seconds = float(flush_seconds)
+        self._pending: dict[str, tuple[dict[str, torch.Tensor], str | None]] = {}  # id -> ({key: (*shape)}, text hash)
+        self._handles: dict[str, Any] = {}
+        self._closed = False
+        self._session = secrets.token_hex(4)  # shard names of this writer never collide with another's
+        self._next_seq = 0
+        self._last_flush = time.monotonic()
+        self._lock = WriterLock(path / f".writer{'' if num_workers == 1 else f'.w{worker:03d}'}.lock")
+        self._strict = strict
+        self._load(meta, base)
+
+    def _load(self, meta: dict, base: dict | None) -> None:
+        """Take the shard lists of a manifest (and, in worker mode, of the merged base)."""
+        self._on_disk = meta
+        self._shards: list[dict] = [dict(s, ids=list(s["ids"])) for s in meta["shards"]]
         self._deleted: set[str] = set(meta.get("deleted", []))
         # Worker mode: the merged main manifest (if any) is a read-only base layer.
         self._base_shards: list[dict] = list(base["shards"]) if base else []
         self._base_deleted: set[str] = set(base.get("deleted", [])) if base else set()
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}  # id -> {key: (*shape) storage dtype}
-        self._handles: dict[str, Any] = {}
-        self._closed = False
-        for s in self._base_shards + self._shards:
-            if not (path / s["file"]).is_file():
-                raise BankError(f"shard {s['file']} listed in the manifest of {path} is missing: rebuild the bank")
+        self._by_file = {s["file"]: s for s in self._base_shards + self._shards}
+        self.damaged_shards: dict[str, str] = {}
+        for shard in self._base_shards + self._shards:
+            problem = self._shard_problem(shard)
+            if problem and self._strict:
+                raise BankCorruptError(f"shard {shard['file']} of the Gradient Bank at {self.path} {problem}: {_REPAIR}")
+            if problem:
+                self.damaged_shards[shard["file"]] = problem
         self._build_index()
-        seqs = [int(m.group(1)) for p in path.glob(f"shard-w{worker:03d}-*.safetensors*")
-                if (m := re.match(rf"shard-w{worker:03d}-(\d+)\.safetensors", p.name))]
-        self._next_seq = max(seqs, default=-1) + 1
+
+    def _shard_problem(self, shard: dict) -> str | None:
+        """Cheap checks of one shard file: present, of the recorded size, holding the listed ids."""
+        file = self.path / shard["file"]
+        if not file.is_file():
+            return "is missing"
+        if "bytes" in shard and file.stat().st_size != shard["bytes"]:
+            return f"has {file.stat().st_size} bytes, the manifest recorded {shard['bytes']} (truncated or replaced)"
+        try:
+            handle = safe_open(str(file), framework="pt")
+            stored = json.loads((handle.metadata() or {}).get("regrad_ids", "null"))
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            return f"cannot be read ({exc})"
+        if stored != shard["ids"]:
+            return "holds other documents than the manifest lists (files swapped or overwritten)"
+        self._handles[shard["file"]] = handle
+        return None
 
     @staticmethod
     def _manifest_name(worker: int, num_workers: int) -> str:
@@ -182,16 +311,19 @@ class GradientBank:
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, binding: dict, shapes: dict[str, tuple[int, ...]],
-               storage_dtype: str = "bf16", shard_size: int = 256, worker: int = 0,
+               storage_dtype: str = "bf16", shard_size: int = 64, worker: int = 0,
                num_workers: int = 1) -> GradientBank:
-        """Creates an empty bank (or this worker's part of one) at ``path``.
+        """Creates an empty bank (or this worker's part of one) at ``path`` and takes its writer lock.
 
         Raises:
             BankError: A bank (or this worker's manifest) already exists there.
+            BankLockedError: Another writer holds the bank.
             BankMismatchError: Worker mode and the merged bank there has another binding/layout.
         """
         path = Path(path)
         name = cls._manifest_name(worker, num_workers)
+        if path.exists() and not path.is_dir():
+            raise BankError(f"{path} is a file: a Gradient Bank is a directory")
         binding, shapes, dtype = _norm_binding(binding), _norm_shapes(shapes), _norm_dtype(storage_dtype)
         if not isinstance(shard_size, int) or shard_size < 1:
             raise InvalidInputError(f"shard_size must be a positive int, got {shard_size!r}")
@@ -207,36 +339,51 @@ class GradientBank:
                     shapes={k: list(v) for k, v in shapes.items()}, storage_dtype=dtype, shard_size=shard_size,
                     worker=worker, num_workers=num_workers, shards=[], deleted=[],
                     library_version=_library_version())
-        atomic_write_json(path / name, meta)
-        return cls(path, meta, base, worker, num_workers)
+        lock = WriterLock(path / f".writer{'' if num_workers == 1 else f'.w{worker:03d}'}.lock")
+        _take(lock, path)
+        try:
+            atomic_write_json(path / name, meta)
+            bank = cls(path, meta, base, worker, num_workers)
+        except BaseException:
+            lock.release()
+            raise
+        bank._lock = lock
+        return bank
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, binding: dict | None = None, worker: int = 0,
              num_workers: int = 1) -> GradientBank:
-        """Opens an existing bank; checks ``binding`` against the stored one when given.
+        """Opens an existing bank for reading (its first write takes the writer lock); checks
+        ``binding`` against the stored one when given, and every shard's size and ids.
 
         Raises:
             BankError: No bank at ``path`` (or its worker manifests are not merged yet).
             BankMismatchError: ``binding`` differs from the stored one.
+            BankCorruptError: The manifest or a shard file is damaged.
         """
         return cls._open(Path(path), binding, None, None, worker, num_workers, None)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, *, binding: dict, shapes: dict[str, tuple[int, ...]],
-                       storage_dtype: str = "bf16", shard_size: int = 256, worker: int = 0,
+                       storage_dtype: str = "bf16", shard_size: int = 64, worker: int = 0,
                        num_workers: int = 1) -> GradientBank:
-        """Opens the bank at ``path`` (checking binding, shapes and storage dtype) or creates it."""
+        """Opens the bank at ``path`` (checking binding, shapes and storage dtype) or creates it,
+        and takes its writer lock (a second writer gets :class:`BankLockedError`)."""
         path = Path(path)
         if (path / cls._manifest_name(worker, num_workers)).exists():
-            return cls._open(path, binding, _norm_shapes(shapes), _norm_dtype(storage_dtype), worker,
+            bank = cls._open(path, binding, _norm_shapes(shapes), _norm_dtype(storage_dtype), worker,
                              num_workers, shard_size)
+            bank._writing()
+            return bank
         return cls.create(path, binding=binding, shapes=shapes, storage_dtype=storage_dtype,
                           shard_size=shard_size, worker=worker, num_workers=num_workers)
 
     @classmethod
     def _open(cls, path: Path, binding: dict | None, shapes: dict | None, dtype: str | None, worker: int,
-              num_workers: int, shard_size: int | None) -> GradientBank:
+              num_workers: int, shard_size: int | None, strict: bool = True) -> GradientBank:
         name = cls._manifest_name(worker, num_workers)
+        if path.exists() and not path.is_dir():
+            raise BankError(f"{path} is a file: a Gradient Bank is a directory")
         if not (path / name).is_file():
             if num_workers == 1 and cls._worker_manifests(path):
                 raise BankError(f"the Gradient Bank at {path} was built by several workers and not merged yet: "
@@ -253,7 +400,21 @@ class GradientBank:
         if num_workers > 1 and int(meta.get("num_workers", num_workers)) != num_workers:
             raise BankError(f"{name} in {path} was written with num_workers={meta.get('num_workers')}, "
                             f"not {num_workers}: resume with the same worker count")
-        return cls(path, meta, base, worker, num_workers, shard_size)
+        return cls(path, meta, base, worker, num_workers, shard_size, strict=strict)
+
+    # ---------------------------------------------------------------- the writer lock
+    def _writing(self) -> None:
+        """Take the writer lock before the first write; if another writer changed the manifest
+        since this object read it, continue from what is on disk now."""
+        if self._lock.held:
+            return
+        _take(self._lock, self.path)
+        name = self._manifest_name(self._worker, self._num_workers)
+        current = _read_manifest(self.path / name)
+        if current != self._on_disk:
+            base = (_read_manifest(self.path / _MAIN_MANIFEST)
+                    if self._num_workers > 1 and (self.path / _MAIN_MANIFEST).exists() else None)
+            self._load(current, base)
 
     @staticmethod
     def _check_meta(meta: dict, path: Path, binding: dict | None, shapes: dict | None, dtype: str | None) -> None:
@@ -284,11 +445,13 @@ class GradientBank:
     def _build_index(self) -> None:
         index: dict[str, tuple[str, int]] = {}
         for s in self._base_shards:
-            index.update((i, (s["file"], r)) for r, i in enumerate(s["ids"]))
+            if s["file"] not in self.damaged_shards:
+                index.update((i, (s["file"], r)) for r, i in enumerate(s["ids"]))
         for i in self._base_deleted:
             index.pop(i, None)
         for s in self._shards:  # later shards win (overwrite)
-            index.update((i, (s["file"], r)) for r, i in enumerate(s["ids"]))
+            if s["file"] not in self.damaged_shards:
+                index.update((i, (s["file"], r)) for r, i in enumerate(s["ids"]))
         for i in self._deleted:
             index.pop(i, None)
         self._index = index  # id -> (shard file, row)
@@ -300,7 +463,9 @@ class GradientBank:
                     shards=self._shards, deleted=sorted(self._deleted), library_version=_library_version())
 
     def _write_manifest(self) -> None:
-        atomic_write_json(self.path / self._manifest_name(self._worker, self._num_workers), self._meta())
+        meta = self._meta()
+        atomic_write_json(self.path / self._manifest_name(self._worker, self._num_workers), meta)
+        self._on_disk = json.loads(json.dumps(meta))
 
     def _alive(self) -> None:
         if self._closed:
@@ -315,6 +480,16 @@ class GradientBank:
     def ids(self) -> list[str]:
         """All stored (flushed or pending) document ids, sorted."""
         return sorted(self._index.keys() | self._pending.keys())
+
+    def text_hash(self, doc_id: str) -> str | None:
+        """Hash of the text the stored gradient was computed from (None if not recorded)."""
+        if doc_id in self._pending:
+            return self._pending[doc_id][1]
+        loc = self._index.get(doc_id)
+        if loc is None:
+            return None
+        texts = self._by_file[loc[0]].get("texts")
+        return texts[loc[1]] if texts else None
 
     def nbytes_per_document(self) -> int:
         """Bytes one document's gradient takes on disk (storage dtype, tensor data only)."""
@@ -336,64 +511,86 @@ class GradientBank:
                 raise BankError(f"gradient {key!r} must be a floating-point Tensor, got {getattr(t, 'dtype', type(t))}")
             if tuple(t.shape) != want:
                 raise BankError(f"gradient {key!r} has shape {tuple(t.shape)}, the bank expects {want}")
-            if not bool(torch.isfinite(t).all()):
-                raise BankError(f"gradient {key!r} contains NaN/Inf: fix the training step before storing it")
+            if not bool(torch.isfinite(t.to(self._dtype)).all()):
+                raise BankError(f"gradient {key!r} contains NaN/Inf (in {self.storage_dtype}): it is not stored; "
+                                "check the model and the document")
 
-    def add(self, doc_id: str, grad: dict[str, torch.Tensor], *, overwrite: bool = False) -> None:
+    def _put(self, doc_id: str, grad: dict[str, torch.Tensor], text: str | None) -> None:
+        self._pending.pop(doc_id, None)  # a re-added id moves to the end
+        self._pending[doc_id] = ({k: grad[k].detach().to(device="cpu", dtype=self._dtype, copy=True)
+                                  for k in self.shapes}, text)
+
+    def _flush_if_due(self) -> None:
+        if len(self._pending) >= self.shard_size or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def add(self, doc_id: str, grad: dict[str, torch.Tensor], *, overwrite: bool = False,
+            text_hash: str | None = None) -> None:
         """Adds (or with ``overwrite=True`` replaces) one document's gradient.
 
         Args:
             doc_id: Non-empty document id.
             grad: ``{key: (*shape)}`` with exactly the bank's keys and shapes.
             overwrite: Replace an existing entry instead of raising.
+            text_hash: :func:`text_hash` of the text the gradient was computed from.
 
         Raises:
-            BankError: Bad keys/shapes, or duplicate id without ``overwrite``.
+            BankError: Bad keys/shapes, non-finite values, or duplicate id without ``overwrite``.
         """
         self._alive()
         _check_id(doc_id)
         self._validate(grad, None)
         if not overwrite and doc_id in self:
             raise BankError(f"document {doc_id!r} is already in the bank: pass overwrite=True to replace it")
-        self._pending[doc_id] = {k: grad[k].detach().to(device="cpu", dtype=self._dtype, copy=True)
-                                 for k in self.shapes}
-        if len(self._pending) >= self.shard_size:
-            self.flush()
+        self._writing()
+        self._put(doc_id, grad, text_hash)
+        self._flush_if_due()
 
-    def add_batch(self, doc_ids: list[str], grads: dict[str, torch.Tensor], *, overwrite: bool = False) -> None:
-        """Adds N documents at once; each ``grads`` value is ``(N, *shape)``. All-or-nothing validation."""
+    def add_batch(self, doc_ids: list[str], grads: dict[str, torch.Tensor], *, overwrite: bool = False,
+                  text_hashes: list[str] | None = None) -> None:
+        """Adds N documents at once; each ``grads`` value is ``(N, *shape)``. All-or-nothing
+        validation; a due flush happens after the whole batch (so shards hold whole batches)."""
         self._alive()
         doc_ids = [_check_id(i) for i in doc_ids]
         if len(set(doc_ids)) != len(doc_ids):
             raise BankError("add_batch got the same document id twice in one batch")
+        if text_hashes is not None and len(text_hashes) != len(doc_ids):
+            raise InvalidInputError(f"got {len(text_hashes)} text hashes for {len(doc_ids)} documents")
         self._validate(grads, len(doc_ids))
         if not overwrite and (dup := [i for i in doc_ids if i in self]):
             raise BankError(f"document {dup[0]!r} is already in the bank: pass overwrite=True to replace it")
+        self._writing()
         for n, doc_id in enumerate(doc_ids):
-            self.add(doc_id, {k: v[n] for k, v in grads.items()}, overwrite=True)
+            self._put(doc_id, {k: v[n] for k, v in grads.items()}, text_hashes[n] if text_hashes else None)
+        self._flush_if_due()
 
     def flush(self) -> None:
         """Writes pending rows as a new shard (atomic), then the manifest (atomic)."""
+        self._last_flush = time.monotonic()
         if self._closed or not self._pending:
             return
+        self._writing()
         ids = list(self._pending)
-        file = self._write_shard(ids, {k: torch.stack([self._pending[i][k] for i in ids]) for k in self.shapes})
-        self._shards.append(dict(file=file, ids=ids))
+        shard = self._write_shard(ids, {k: torch.stack([self._pending[i][0][k] for i in ids]) for k in self.shapes},
+                                  [self._pending[i][1] for i in ids])
+        self._shards.append(shard)
+        self._by_file[shard["file"]] = shard
         self._deleted.difference_update(ids)  # re-added after a delete: alive again
         self._write_manifest()
         self._pending.clear()
         self._build_index()
 
-    def _write_shard(self, ids: list[str], tensors: dict[str, torch.Tensor]) -> str:
-        """Write rows ``(n, *shape)`` of ``ids`` as this writer's next shard file (atomic); its name."""
-        file = f"shard-w{self._worker:03d}-{self._next_seq:06d}.safetensors"
+    def _write_shard(self, ids: list[str], tensors: dict[str, torch.Tensor], texts: list[str | None]) -> dict:
+        """Write rows ``(n, *shape)`` of ``ids`` as this writer's next shard file (atomic); its manifest record."""
+        file = f"shard-w{self._worker:03d}-{self._session}-{self._next_seq:06d}.safetensors"
+        self._next_seq += 1
+        sums = [entry_checksum({k: v[row] for k, v in tensors.items()}) for row in range(len(ids))]
         atomic_write(self.path / file, lambda tmp: save_file(
             tensors, str(tmp), metadata={"regrad_ids": json.dumps(ids), "regrad_format_version": str(self.FORMAT_VERSION)}))
-        self._next_seq += 1
-        return file
+        return dict(file=file, ids=ids, bytes=(self.path / file).stat().st_size, sums=sums, texts=texts)
 
     def delete(self, doc_ids: str | Iterable[str]) -> int:
-        """Deletes documents (tombstones; :meth:`compact` reclaims space). Returns how many were deleted.
+        """Deletes documents (tombstones; :meth:`compact` removes their bytes). Returns how many were deleted.
 
         Raises:
             UnknownDocumentError: An id is not in the bank (nothing is deleted then).
@@ -403,6 +600,7 @@ class GradientBank:
         for i in ids:
             if i not in self:
                 raise UnknownDocumentError(f"unknown document id {i!r}: it is not in the bank at {self.path}")
+        self._writing()
         tomb = [i for i in ids if i in self._index]
         for i in ids:
             self._pending.pop(i, None)
@@ -412,30 +610,37 @@ class GradientBank:
             self._build_index()
         return len(ids)
 
-    def compact(self) -> None:
-        """Rewrites this writer's shards without deleted/overwritten rows, then removes the old files."""
+    def compact(self) -> int:
+        """Rewrites this writer's shards without deleted/overwritten/damaged rows, then removes
+        the old files; returns the bytes freed."""
         self._alive()
         self.flush()
+        self._writing()
         own = {s["file"] for s in self._shards}
+        before = sum((self.path / f).stat().st_size for f in own if (self.path / f).is_file())
         live = [i for i, (f, _) in self._index.items() if f in own]
         new_shards: list[dict] = []
         for start in range(0, len(live), self.shard_size):
             ids = live[start:start + self.shard_size]
-            file = self._write_shard(ids, {k: torch.stack([self._read_row(i, k) for i in ids]) for k in self.shapes})
-            new_shards.append(dict(file=file, ids=ids))
+            entries = [self._read_entry(i) for i in ids]
+            new_shards.append(self._write_shard(ids, {k: torch.stack([e[k] for e in entries]) for k in self.shapes},
+                                                [self.text_hash(i) for i in ids]))
         base_ids = {i for s in self._base_shards for i in s["ids"]}
         self._shards, self._deleted = new_shards, self._deleted & base_ids
         self._write_manifest()
-        self._handles.clear()
+        self._handles = {f: h for f, h in self._handles.items() if f not in own}
+        self.damaged_shards = {f: why for f, why in self.damaged_shards.items() if f not in own}
         for f in own:
             (self.path / f).unlink(missing_ok=True)
+        self._by_file = {s["file"]: s for s in self._base_shards + self._shards}
         self._build_index()
+        return before - sum(s["bytes"] for s in new_shards)
 
     # ---------------------------------------------------------------- reading
-    def _read_row(self, doc_id: str, key: str) -> torch.Tensor:
-        """Row of ``key`` for ``doc_id`` in the storage dtype: (*shape)."""
+    def _read_entry(self, doc_id: str) -> dict[str, torch.Tensor]:
+        """One document's tensors in the storage dtype ``{key: (*shape)}``, checksum- and value-checked."""
         if doc_id in self._pending:
-            return self._pending[doc_id][key]
+            return self._pending[doc_id][0]
         loc = self._index.get(doc_id)
         if loc is None:
             raise UnknownDocumentError(f"unknown document id {doc_id!r}: it is not in the bank at {self.path} "
@@ -444,20 +649,36 @@ class GradientBank:
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        return handle.get_slice(key)[row]
+        try:
+            entry = {k: handle.get_slice(k)[row] for k in self.shapes}
+        except Exception as exc:  # a damaged file: safetensors' own error types
+            raise BankCorruptError(f"cannot read the gradient of {doc_id!r} from {self.path / file} ({exc}): "
+                                   f"{_REPAIR}") from None
+        sums = self._by_file[file].get("sums")
+        if sums is not None and entry_checksum(entry) != sums[row]:
+            raise BankCorruptError(f"the gradient of {doc_id!r} in {self.path / file} does not match its checksum "
+                                   f"(the file was changed on disk): {_REPAIR}")
+        if not all(bool(torch.isfinite(t).all()) for t in entry.values()):
+            raise BankCorruptError(f"the gradient of {doc_id!r} in {self.path / file} holds NaN/Inf: {_REPAIR}")
+        return entry
 
     def get(self, doc_id: str) -> dict[str, torch.Tensor]:
         """One document's gradient as float32 tensors ``{key: (*shape)}``."""
         self._alive()
-        return {k: self._read_row(doc_id, k).to(torch.float32, copy=True) for k in self.shapes}
+        return {k: v.to(torch.float32, copy=True) for k, v in self._read_entry(doc_id).items()}
 
     def sum(self, doc_ids: list[str]) -> dict[str, torch.Tensor]:
-        """Float32 sum of the stored gradients (zeros for an empty list): ``{key: (*shape)}``."""
+        """Float32 sum of the stored gradients (zeros for an empty list): ``{key: (*shape)}``.
+
+        Raises:
+            UnknownDocumentError: An id is not in the bank.
+            BankCorruptError: A stored entry is damaged (it is never served).
+        """
         self._alive()
         out = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
         for doc_id in doc_ids:
-            for k in self.shapes:
-                out[k] += self._read_row(doc_id, k).to(torch.float32)
+            for k, v in self._read_entry(doc_id).items():
+                out[k] += v.to(torch.float32)
         return out
 
     def sum_batch(self, id_lists: list[list[str]]) -> dict[str, torch.Tensor]:
@@ -468,6 +689,39 @@ class GradientBank:
             for k, v in self.sum(ids).items():
                 out[k][b] = v
         return out
+
+    # ---------------------------------------------------------------- verification
+    @classmethod
+    def verify(cls, path: str | os.PathLike, *, repair: bool = False) -> VerifyReport:
+        """Check every shard and every live entry (checksums, finite values).
+
+        With ``repair``, damaged entries and unreadable shards leave the manifest (their
+        documents are then missing, and the next ``regrad build`` recomputes them) and the
+        bank is compacted, so what remains verifies.
+
+        Raises:
+            BankCorruptError: The manifest itself is damaged (nothing to repair from).
+        """
+        bank = cls._open(Path(path), None, None, None, 0, 1, None, strict=False)
+        report = VerifyReport()
+        report.damaged_shards = dict(bank.damaged_shards)
+        for doc_id in list(bank._index):
+            report.entries_checked += 1
+            try:
+                bank._read_entry(doc_id)
+            except BankCorruptError as exc:
+                report.damaged[doc_id] = str(exc).split(": run `regrad verify")[0]
+        if repair and not report.ok:
+            bank._writing()
+            dropped = set(report.damaged_shards)
+            bank._shards = [s for s in bank._shards if s["file"] not in dropped]
+            bank._deleted.update(report.damaged)
+            bank._write_manifest()
+            bank._build_index()
+            bank.compact()
+            report.repaired = True
+        bank.close()
+        return report
 
     # ---------------------------------------------------------------- merge / lifecycle
     @classmethod
@@ -485,6 +739,18 @@ class GradientBank:
         found = cls._worker_manifests(path)
         if not found:
             return cls.open(path)
+        locks = [WriterLock(path / ".writer.lock")] + [WriterLock(path / f".writer.w{w:03d}.lock") for w in sorted(found)]
+        try:
+            for lock in locks:  # the bank's writer and every worker must be done
+                _take(lock, path)
+            cls._merge_manifests(path, found)
+        finally:
+            for lock in locks:
+                lock.release()
+        return cls.open(path)
+
+    @classmethod
+    def _merge_manifests(cls, path: Path, found: dict[int, Path]) -> None:
         metas = {w: _read_manifest(p) for w, p in found.items()}
         n = {int(m.get("num_workers", 0)) for m in metas.values()}
         if len(n) != 1:
@@ -526,7 +792,6 @@ class GradientBank:
         atomic_write_json(path / _MAIN_MANIFEST, meta)
         for p in found.values():
             p.unlink()
-        return cls.open(path)
 
     def close(self) -> None:
         """Flushes pending rows and releases file handles. Idempotent."""
@@ -537,6 +802,7 @@ class GradientBank:
         finally:
             self._handles.clear()
             self._closed = True
+            self._lock.release()
 
     def __enter__(self) -> GradientBank:
         return self

@@ -7,6 +7,8 @@
     regrad build  --elasticsearch URL --index docs --meta runs/meta/best --store runs/es  # an existing index
     regrad delete --store runs/store doc-17 doc-18      # remove documents (all their chunks)
     regrad merge  --store runs/store                    # after `build --worker i --num-workers n`
+    regrad verify --store runs/store [--repair]         # check every checksum; drop what is damaged
+    regrad compact --store runs/store                   # remove deleted and replaced gradients from disk
     regrad ask    --store runs/store "Where was X born?"
     regrad eval   --data data/general --meta runs/meta/best [--setting retrieval]
     regrad demo                                         # everything, on the embedded model
@@ -114,8 +116,8 @@ def _cmd_build(args) -> int:
                         storage_dtype=args.storage_dtype, batch_size=args.batch_size, overwrite=args.update,
                         worker=args.worker, num_workers=args.num_workers, index=es,
                         reuse_index=es is not None and (args.reuse_index or not args.corpus))
-    print(f"added {stats.added} gradients ({stats.ms_per_document:.0f} ms/document), "
-          f"{stats.skipped} already in the bank; store: {args.store}")
+    print(f"added {stats.added} gradients ({stats.ms_per_document:.0f} ms/document; {stats.changed} of them replace "
+          f"gradients of documents whose text changed), {stats.skipped} already in the bank; store: {args.store}")
     return 0
 
 
@@ -141,9 +143,39 @@ def _elasticsearch_index(args):
 def _cmd_delete(args) -> int:
     from regrad_engine.store import Store
 
-    count = Store.open(args.store).delete(args.ids)
-    print(f"deleted {count} chunks of {len(args.ids)} ids from {args.store}")
+    count = Store.open(args.store).delete(args.ids, compact=args.compact)
+    print(f"deleted {count} chunks of {len(args.ids)} ids from {args.store}"
+          + ("; their gradients are off the disk" if args.compact else "; `regrad compact` frees their disk space"))
     return 0
+
+
+def _cmd_compact(args) -> int:
+    from regrad_engine.store import Store
+
+    freed = Store.open(args.store).compact()
+    print(f"compacted {args.store}/bank: {freed / 1e6:.1f} MB freed")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from regrad_engine.store import Store
+
+    report, no_gradient, orphans = Store.open(args.store).verify(repair=args.repair)
+    print(report)
+    if no_gradient:
+        print(f"{len(no_gradient)} indexed documents have no gradient (e.g. {no_gradient[:3]}): run `regrad build` "
+              "with the corpus to compute them")
+    if orphans:
+        print(f"{len(orphans)} gradients belong to no indexed document (e.g. {orphans[:3]})"
+              + ("; removed" if args.repair else "; --repair removes them"))
+    if report.ok and not orphans:
+        print("the bank verifies" + ("" if not no_gradient else " (some documents still need `regrad build`)"))
+        return 0
+    if report.repaired:
+        print("repaired: the damaged entries were dropped; run `regrad build` with the corpus to recompute them")
+        return 0
+    print("damage found: run again with --repair, then `regrad build` with the corpus")
+    return 1
 
 
 def _cmd_merge(args) -> int:
@@ -166,6 +198,8 @@ def _cmd_ask(args) -> int:
         if plain is not None:
             print(f"  base model : {plain}")
         print(f"  ReGrad {answer.mode:10s}: {answer.text}")
+        if not answer.sources:
+            print("    sources=[]: no document matched this question, so no gradient was applied")
         for hit in answer.sources:
             print(f"    [{hit.score:6.2f}] {hit.id}: {hit.text[:90]}")
     return 0
@@ -351,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", dest="chunk_tokens", type=int, default=200, help="max tokens per chunk")
     p.add_argument("--storage-dtype", dest="storage_dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="documents per backward pass")
-    p.add_argument("--update", action="store_true", help="recompute gradients of documents already in the bank")
+    p.add_argument("--update", action="store_true", help="recompute every gradient (documents whose text changed "
+                   "are recomputed without it)")
     p.add_argument("--worker", type=int, default=0, help="this worker's index (distributed builds; then `regrad merge`)")
     p.add_argument("--num-workers", dest="num_workers", type=int, default=1, help="number of build workers")
     es = p.add_argument_group("Elasticsearch instead of the embedded BM25 index (credentials: ELASTICSEARCH_API_KEY, "
@@ -374,7 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="remove documents (every chunk of each) from a store's bank and index")
     p.add_argument("ids", nargs="+", metavar="ID", help="document or chunk ids")
     p.add_argument("--store", required=True, help="store directory from `regrad build`")
+    p.add_argument("--compact", action="store_true", help="also rewrite the bank so the deleted gradients leave the disk")
     p.set_defaults(func=_cmd_delete)
+
+    p = sub.add_parser("compact", help="rewrite a store's bank without deleted or replaced gradients")
+    p.add_argument("--store", required=True, help="store directory from `regrad build`")
+    p.set_defaults(func=_cmd_compact)
+
+    p = sub.add_parser("verify", help="check a store: every shard and checksum, bank and index in step")
+    p.add_argument("--store", required=True, help="store directory from `regrad build`")
+    p.add_argument("--repair", action="store_true", help="drop damaged gradients (then `regrad build` recomputes them)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("merge", help="merge the shards of `regrad build --worker i --num-workers n` into the bank")
     p.add_argument("--store", required=True, help="store directory the workers built")
@@ -418,6 +463,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(err: OSError) -> str:
+    import errno
+
+    where = f" ({err.filename})" if err.filename else ""
+    hints = {errno.ENOSPC: "the disk is full: free space and run the same command again (work already flushed "
+                           "is kept)",
+             errno.EACCES: "permission denied: run as a user who may write there, or pick another directory",
+             errno.EROFS: "the file system is read-only: pick a writable directory",
+             errno.EISDIR: "a directory was given where a file is expected",
+             errno.ENOTDIR: "a file was given where a directory is expected"}
+    return f"{err.strerror or err}{where}: " + hints.get(err.errno, "check the path and the disk")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -428,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except RegradError as err:
         print(f"regrad {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the machine, not the code: say which file and what to do
+        print(f"regrad {args.command}: error: {_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -60,6 +60,14 @@ class UnknownDocumentError(BankError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class BankCorruptError(BankError):
+    """A bank file is damaged (checksum, size, ids or values): the message names the file and the repair."""
+
+
+class BankLockedError(BankError):
+    """Another writer holds the bank: the message names it (pid, host, since when)."""
+
+
 class StoreError(BankError):
     """A store directory (bank + index + ``regrad.json``) is missing or malformed."""
 

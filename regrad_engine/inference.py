@@ -7,6 +7,7 @@ written, so requests can run concurrently and batched, each with its own documen
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import copy_context
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from regrad_engine.bank import GradientBank
 from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.errors import (
+    BankLockedError,
     RequestError,
     check_gamma,
     check_k,
@@ -30,11 +32,15 @@ from regrad_engine.lora import LoraSpace, Phi, apply_update
 from regrad_engine.prompts import (
     encode_documents,
     encode_messages,
+    message_prompt,
     pad_id,
     turn_marker_ids,
     user_message,
 )
 from regrad_engine.retrieval.base import Hit, Retriever
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,15 @@ class ReGrad:
         on_the_fly: Compute gradients of documents missing from the bank (else error).
         write_back: Store on-the-fly gradients into the bank.
         batch_size: Questions generated together.
+        max_prompt_tokens: Longest prompt accepted (default: the model's context minus
+            ``max_new_tokens``); a longer one is refused at once with a RequestError.
     """
 
     def __init__(self, model: nn.Module, tokenizer, space: LoraSpace, meta: MetaCheckpoint, *,
                  retriever: Retriever | None = None, bank: GradientBank | None = None, k: int = 3,
                  gamma: float = 1.0, mode: str = "parametric", max_new_tokens: int = 20,
                  doc_max_tokens: int = 200, on_the_fly: bool = True, write_back: bool = False,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, max_prompt_tokens: int | None = None) -> None:
         self.model, self.tokenizer, self.space, self.meta = model, tokenizer, space, meta
         self.retriever, self.bank = retriever, bank
         self.k, self.gamma, self.mode = check_k(k), check_gamma(gamma), check_mode(mode)
@@ -83,6 +91,9 @@ class ReGrad:
         self.alpha = {k_: v.to(self.device, torch.float32) for k_, v in meta.alpha.items()}
         self._bank_lock = threading.Lock()  # bank objects are not thread-safe
         self._stop_ids = turn_marker_ids(tokenizer)  # an answer ends at any turn marker
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_prompt_tokens = (check_k(max_prompt_tokens, "max_prompt_tokens") if max_prompt_tokens is not None
+                                  else context - max_new_tokens if isinstance(context, int) else None)
 
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
@@ -116,10 +127,7 @@ class ReGrad:
         computed = self.document_gradients(missing) if missing else {}
         with self._bank_lock:
             if computed and self.write_back and self.bank is not None:
-                for doc_id, grad in computed.items():
-                    if doc_id not in self.bank:
-                        self.bank.add(doc_id, {k: v.cpu() for k, v in grad.items()})
-                self.bank.flush()
+                self._write_back(computed)
             if self.bank is not None:
                 id_lists = [[h.id for h in hits if h.id not in computed] for hits in hits_lists]
                 sums = {k: v.to(self.device) for k, v in self.bank.sum_batch(id_lists).items()}
@@ -131,6 +139,17 @@ class ReGrad:
                     for key in sums:
                         sums[key][row] += computed[hit.id][key]
         return sums
+
+    def _write_back(self, computed: Mapping[str, Phi]) -> None:
+        """Store on-the-fly gradients; a bank another process is writing is left alone (the
+        answer does not depend on it)."""
+        try:
+            for doc_id, grad in computed.items():
+                if doc_id not in self.bank:
+                    self.bank.add(doc_id, {k: v.cpu() for k, v in grad.items()})
+            self.bank.flush()
+        except BankLockedError as err:
+            logger.warning("not storing %d on-the-fly gradients: %s", len(computed), err)
 
     def adapted_factors(self, hits_lists: Sequence[Sequence[Hit]], gamma: float) -> Phi:
         """phi' per request: (b, *shape)."""
@@ -154,6 +173,17 @@ class ReGrad:
                                          eos_token_id=self._stop_ids, **generate_kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def check_prompts(self, messages: Sequence[str]) -> None:
+        """Refuse, before any work, a prompt longer than ``max_prompt_tokens`` tokens."""
+        if self.max_prompt_tokens is None:
+            return
+        for message in messages:
+            length = len(self.tokenizer(message_prompt(self.tokenizer, message), add_special_tokens=False)["input_ids"])
+            if length > self.max_prompt_tokens:
+                raise RequestError(f"the prompt is {length} tokens; this engine reads at most {self.max_prompt_tokens} "
+                                   "(the model's context minus the answer): shorten the question, or use fewer or "
+                                   "shorter passages")
 
     def _defaults(self, mode: str | None, k: int | None, gamma: float | None) -> tuple[str, int, float]:
         """This request's mode, k and gamma (the engine's where None), checked."""
@@ -182,6 +212,7 @@ class ReGrad:
         """
         mode, k, gamma = self._defaults(mode, k, gamma)
         questions = check_texts(questions)
+        self.check_prompts([user_message(q) for q in questions])  # before retrieval: a too long question fails fast
         if documents is None:
             documents = self.retrieve(questions, k)
         elif len(documents) != len(questions):
@@ -190,9 +221,10 @@ class ReGrad:
         for start in range(0, len(questions), self.batch_size):
             qs = list(questions[start:start + self.batch_size])
             docs = [list(d) for d in documents[start:start + self.batch_size]]
+            messages = [user_message(q, [h.text for h in d] if mode == "hybrid" else None) for q, d in zip(qs, docs)]
+            self.check_prompts(messages)
             factors = self.adapted_factors(docs, gamma) if use_gradients else self.phi
-            passages = [[h.text for h in d] for d in docs] if mode == "hybrid" else None
-            texts = self.generate(qs, passages, factors, **generate_kwargs)
+            texts = self.generate_messages(messages, factors, **generate_kwargs)
             answers += [Answer(q, t, mode, d, gamma) for q, t, d in zip(qs, texts, docs)]
         return answers
 
@@ -206,6 +238,7 @@ class ReGrad:
         messages = check_texts(messages, "prompt")
         if len(documents) != len(messages):
             raise RequestError(f"got {len(documents)} document lists for {len(messages)} prompts")
+        self.check_prompts(messages)
         texts: list[str] = []
         for start in range(0, len(messages), self.batch_size):
             docs = [list(d) for d in documents[start:start + self.batch_size]]
@@ -223,6 +256,7 @@ class ReGrad:
         """Yield answer text pieces as they are generated (one request)."""
         mode, k, _ = self._defaults(mode, k, gamma)
         check_texts([question])
+        self.check_prompts([user_message(question)])
         docs = list(documents) if documents is not None else self.retrieve([question], k)[0]
         message = user_message(question, [h.text for h in docs] if mode == "hybrid" else None)
         yield from self.stream_message(message, docs, gamma=gamma, **generate_kwargs)
@@ -234,6 +268,7 @@ class ReGrad:
 
         gamma = self._defaults(None, None, gamma)[2]
         check_texts([message], "prompt")
+        self.check_prompts([message])
         factors = self.adapted_factors([list(documents)], gamma)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []

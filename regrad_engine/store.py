@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from regrad_engine.bank import GradientBank
+from regrad_engine.bank import GradientBank, VerifyReport, text_hash
 from regrad_engine.checkpoint import MetaCheckpoint, library_version
 from regrad_engine.data import Chunk, chunk_source
 from regrad_engine.errors import RetrievalError, StoreError
@@ -52,9 +52,10 @@ def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: in
 
 @dataclass
 class BuildStats:
-    added: int
-    skipped: int
+    added: int  # gradients computed (new documents and changed ones)
+    skipped: int  # already in the bank with the same text
     seconds: float
+    changed: int = 0  # of ``added``: documents whose text changed since their gradient was stored
 
     @property
     def ms_per_document(self) -> float:
@@ -69,15 +70,19 @@ def worker_of(doc_id: str, num_workers: int) -> int:
 def add_gradients(model, tokenizer, space: LoraSpace, phi, chunks: Sequence[Chunk], bank: GradientBank, *,
                   doc_max_tokens: int = 200, batch_size: int = 8, overwrite: bool = False,
                   worker: int = 0, num_workers: int = 1, progress: bool = True) -> BuildStats:
-    """Compute and store the gradient of every chunk this worker owns and the bank lacks.
+    """Compute and store the gradient of every chunk this worker owns that the bank lacks or
+    holds for another text (content-aware: the bank records a hash of each chunk's text).
 
-    Re-running after a kill continues: ids already flushed are skipped, not recomputed.
-    With ``overwrite`` every owned chunk is recomputed (documents whose text changed).
+    Re-running after a kill continues: ids already flushed are skipped, not recomputed; the
+    bank flushes whole batches, so a resumed build computes the same batches and ends
+    bit-equal to an uninterrupted one. With ``overwrite`` every owned chunk is recomputed.
     """
     from tqdm.auto import tqdm
 
     owned = [c for c in chunks if worker_of(c.id, num_workers) == worker]
-    todo = [c for c in owned if overwrite or c.id not in bank]
+    hashes = {c.id: text_hash(c.text) for c in owned}
+    changed = {c.id for c in owned if c.id in bank and bank.text_hash(c.id) not in (None, hashes[c.id])}
+    todo = [c for c in owned if overwrite or c.id not in bank or c.id in changed]
     device = next(model.parameters()).device
     phi = {k: v.to(device, torch.float32) for k, v in phi.items()}
     started = time.perf_counter()
@@ -86,10 +91,12 @@ def add_gradients(model, tokenizer, space: LoraSpace, phi, chunks: Sequence[Chun
             batch = todo[start:start + batch_size]
             tokens = {k: v.to(device) for k, v in encode_documents(tokenizer, [c.text for c in batch], doc_max_tokens).items()}
             grads = document_gradients(model, space, phi, tokens)
-            bank.add_batch([c.id for c in batch], {k: g.detach().cpu() for k, g in grads.items()}, overwrite=overwrite)
+            bank.add_batch([c.id for c in batch], {k: g.detach().cpu() for k, g in grads.items()}, overwrite=True,
+                           text_hashes=[hashes[c.id] for c in batch])
             bar.update(len(batch))
     bank.flush()
-    return BuildStats(added=len(todo), skipped=len(owned) - len(todo), seconds=time.perf_counter() - started)
+    return BuildStats(added=len(todo), skipped=len(owned) - len(todo), seconds=time.perf_counter() - started,
+                      changed=len(changed))
 
 
 class Store:
@@ -224,9 +231,10 @@ class Store:
         return ReGrad(model.model, model.tokenizer, space, checkpoint, retriever=index, bank=bank,
                       doc_max_tokens=self.doc_max_tokens, **engine_kwargs)
 
-    def delete(self, ids: Sequence[str]) -> int:
+    def delete(self, ids: Sequence[str], *, compact: bool = False) -> int:
         """Remove documents from the bank and the index: a chunk id removes that chunk, a
-        source document id every chunk of it. Unknown ids change nothing (and raise).
+        source document id every chunk of it. Unknown ids change nothing (and raise). With
+        ``compact`` the bank is rewritten at once, so the deleted gradients leave the disk.
 
         Returns:
             The number of chunks removed.
@@ -238,9 +246,34 @@ class Store:
                 chunks.setdefault(chunk_source(doc_id), []).append(doc_id)
             expanded = [c for i in ids for c in ([i] if i in bank else chunks.get(i, [i]))]
             bank.delete(expanded)  # unknown ids raise before anything is removed
+            if compact:
+                bank.compact()
         index.delete(expanded)
         index.save()
         return len(expanded)
+
+    def compact(self) -> int:
+        """Rewrite the bank without deleted or replaced gradients; returns the bytes freed."""
+        with self.bank() as bank:
+            return bank.compact()
+
+    def verify(self, *, repair: bool = False) -> tuple[VerifyReport, list[str], list[str]]:
+        """Check the bank (see :meth:`GradientBank.verify`) and that bank and index hold the same ids.
+
+        Returns:
+            The bank's report, the ids the index has and the bank lacks (``regrad build``
+            computes them), and the ids the bank has and the index lacks (removed from the
+            bank with ``repair``: nothing can retrieve them).
+        """
+        report = GradientBank.verify(self.path / "bank", repair=repair)
+        index_ids = set(self.index().ids())
+        with self.bank() as bank:
+            bank_ids = set(bank.ids())
+            orphans = sorted(bank_ids - index_ids)
+            if repair and orphans:
+                bank.delete(orphans)
+                bank.compact()
+        return report, sorted(index_ids - bank_ids), orphans
 
     def merge(self) -> int:
         """Merge the build workers' shards into the bank; returns the number of documents."""

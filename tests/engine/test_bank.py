@@ -57,7 +57,7 @@ def test_roundtrip_fp32_exact_and_reopen(tmp_path):
     for i, g in enumerate(grads):
         assert_exact(bank.get(f"d{i}"), g)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["storage_dtype"] == "fp32"
+    assert manifest["format_version"] == 2 and manifest["storage_dtype"] == "fp32"
     assert [len(s["ids"]) for s in manifest["shards"]] == [2, 2, 1]
     assert bank.nbytes_per_document() == 4 * sum(a * b for a, b in SHAPES.values())
 
