@@ -410,6 +410,8 @@ class GradientBank:
             return
         _take(self._lock, self.path)
         name = self._manifest_name(self._worker, self._num_workers)
+        for torn in [*self.path.glob(f"shard-w{self._worker:03d}-*.tmp"), self.path / f"{name}.tmp"]:
+            torn.unlink(missing_ok=True)  # left by a writer killed mid-write (we hold its lock now)
         current = _read_manifest(self.path / name)
         if current != self._on_disk:
             base = (_read_manifest(self.path / _MAIN_MANIFEST)

@@ -91,6 +91,7 @@ class ReGrad:
         self.alpha = {k_: v.to(self.device, torch.float32) for k_, v in meta.alpha.items()}
         self._bank_lock = threading.Lock()  # bank objects are not thread-safe
         self._stop_ids = turn_marker_ids(tokenizer)  # an answer ends at any turn marker
+        self._warned_missing = False
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_prompt_tokens = (check_k(max_prompt_tokens, "max_prompt_tokens") if max_prompt_tokens is not None
                                   else context - max_new_tokens if isinstance(context, int) else None)
@@ -124,6 +125,10 @@ class ReGrad:
         if missing and not self.on_the_fly:
             raise RequestError(f"document {missing[0].id!r} has no stored gradient: add it with "
                                "`regrad build` or enable on_the_fly")
+        if missing and self.bank is not None and not self._warned_missing:
+            self._warned_missing = True  # once per engine: a store whose bank lags its index
+            logger.warning("%d retrieved documents (e.g. %r) have no stored gradient: computing them now; run "
+                           "`regrad build` (or `regrad verify`) on the store to store them", len(missing), missing[0].id)
         computed = self.document_gradients(missing) if missing else {}
         with self._bank_lock:
             if computed and self.write_back and self.bank is not None:

@@ -298,8 +298,12 @@ def open_engine(store: str | Path, *, model: LoadedModel | None = None, device: 
 def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedModel, meta_path: str,
                 doc_max_tokens: int = 200, storage_dtype: str = "bf16", batch_size: int = 8,
                 overwrite: bool = False, worker: int = 0, num_workers: int = 1, progress: bool = True,
-                index: DocumentIndex | None = None, reuse_index: bool = False) -> BuildStats:
+                index: DocumentIndex | None = None, reuse_index: bool = False, flush_every: int = 64,
+                flush_seconds: float = 30.0) -> BuildStats:
     """Index the chunks and add their gradients to the store's bank (creating it if needed).
+
+    Gradients are flushed to disk every ``flush_every`` documents or ``flush_seconds``,
+    whichever comes first (at batch ends): a killed build keeps everything flushed.
 
     Args:
         index: Search this index (e.g. an ``ElasticsearchIndex``) instead of the store's
@@ -332,7 +336,8 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
         opened.set_retriever(spec)
     space = LoraSpace.attach(model.model, checkpoint.lora)
     with opened.bank(opened.binding(model, checkpoint), shapes=space.shapes, storage_dtype=storage_dtype,
-                     worker=worker, num_workers=num_workers) as bank:
+                     worker=worker, num_workers=num_workers, shard_size=flush_every) as bank:
+        bank.shard_size, bank.flush_seconds = flush_every, flush_seconds
         stats = add_gradients(model.model, model.tokenizer, space, checkpoint.phi, chunks, bank,
                               doc_max_tokens=doc_max_tokens, batch_size=batch_size, overwrite=overwrite,
                               worker=worker, num_workers=num_workers, progress=progress)

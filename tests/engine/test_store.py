@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import make_model, make_space, random_phi
+from tests.conftest import make_model, make_space, random_phi
 
 from regrad_engine.bank import GradientBank
 from regrad_engine.checkpoint import MetaCheckpoint
