@@ -98,6 +98,21 @@ DOCS = {
 IN_BANK = ["velmora", "fudral", "ailpelou", "gredin"]  # "fox" has no stored gradient
 
 
+def make_loaded_with_meta(tokenizer, meta_dir):
+    """A tiny model as ``load_model`` returns it, and a random meta checkpoint for it saved at ``meta_dir``."""
+    from regrad_engine.checkpoint import MetaCheckpoint
+    from regrad_engine.lora import init_step_sizes
+    from regrad_engine.models import LoadedModel, model_fingerprint
+
+    model = make_model(tokenizer, attn="sdpa")
+    space = make_space(model)
+    phi = random_phi(space)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", fingerprint=model_fingerprint(model))
+    MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 1.0), alpha_mode="tie", lora=space.spec(),
+                   base_model="tiny", base_fingerprint=loaded.fingerprint).save(meta_dir)
+    return loaded
+
+
 def make_engine(tokenizer, root, model=None):
     """A tiny ReGrad engine over DOCS: sdpa float64 (batched == one at a time exactly),
     random meta factors, BM25 index of all DOCS, an fp32 bank of all but "fox"."""

@@ -4,14 +4,13 @@ import json
 import shutil
 
 import pytest
-from tests.conftest import make_model, make_space, random_phi
+from tests.conftest import make_loaded_with_meta
 
 from regrad_engine.bank import GradientBank
 from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.data import Chunk
 from regrad_engine.errors import StoreError, UnknownDocumentError
-from regrad_engine.lora import LoraSpace, init_step_sizes
-from regrad_engine.models import LoadedModel, model_fingerprint
+from regrad_engine.lora import LoraSpace
 from regrad_engine.retrieval import BM25Index
 from regrad_engine.store import STORE_FILE, Store, add_gradients, build_store, open_engine
 
@@ -22,14 +21,7 @@ CHUNKS = [Chunk("big#0", "Velmora Quistan was born in Lisbon and plays the violi
 
 @pytest.fixture()
 def setup(tokenizer, tmp_path):
-    model = make_model(tokenizer, attn="sdpa")
-    space = make_space(model)
-    phi = random_phi(space)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", fingerprint=model_fingerprint(model))
-    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 1.0), alpha_mode="tie", lora=space.spec(),
-                          base_model="tiny", base_fingerprint=loaded.fingerprint)
-    meta.save(tmp_path / "work" / "meta")
-    return loaded, tmp_path / "work"
+    return make_loaded_with_meta(tokenizer, tmp_path / "work" / "meta"), tmp_path / "work"
 
 
 def test_store_records_a_relative_checkpoint_and_moves_with_it(setup, tmp_path):

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.data import Chunk
-from regrad_engine.lora import init_step_sizes
-from regrad_engine.models import LoadedModel, model_fingerprint
-from tests.conftest import make_model, make_space, random_phi
+from tests.conftest import make_loaded_with_meta
 
 FACTS = [("Velmora Quistan", "Lisbon", "violin"), ("Fudral Oxby", "Nairobi", "harmonica"),
          ("Ailpelou Trask", "Quito", "cello"), ("Gredin Quibiku", "Toronto", "drums"),
@@ -33,14 +30,7 @@ def write_corpus(path: Path, docs: dict[str, str] = DOCS) -> Path:
 @pytest.fixture()
 def tiny(tokenizer, tmp_path):
     """(LoadedModel, meta checkpoint directory) of a tiny deterministic model."""
-    model = make_model(tokenizer, attn="sdpa")
-    space = make_space(model)
-    phi = random_phi(space)
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", fingerprint=model_fingerprint(model))
-    meta = MetaCheckpoint(phi=phi, alpha=init_step_sizes(phi, "tie", 1.0), alpha_mode="tie", lora=space.spec(),
-                          base_model="tiny", base_fingerprint=loaded.fingerprint)
-    meta.save(tmp_path / "meta")
-    return loaded, tmp_path / "meta"
+    return make_loaded_with_meta(tokenizer, tmp_path / "meta"), tmp_path / "meta"
 
 
 @pytest.fixture()
