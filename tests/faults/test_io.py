@@ -82,3 +82,25 @@ def test_shards_are_as_readable_as_the_manifest(store):
     manifest_mode = stat.S_IMODE(os.stat(root / "bank" / "manifest.json").st_mode)
     for shard in (root / "bank").glob("*.safetensors"):
         assert stat.S_IMODE(os.stat(shard).st_mode) == manifest_mode
+
+
+def test_disk_full_while_writing_the_index_then_the_same_command_finishes(cli_model, tmp_path, capsys, monkeypatch):
+    _, meta = cli_model
+    from regrad_engine.retrieval.bm25 import BM25Index
+    from regrad_engine.store import Store
+
+    def full(self, records):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "docs.jsonl"))
+
+    argv = build_argv(write_corpus(tmp_path / "c.jsonl"), meta, tmp_path / "store")
+    with monkeypatch.context() as patch:
+        patch.setattr(BM25Index, "_append", full)
+        assert main(argv) == 2
+        assert "disk is full" in capsys.readouterr().err
+    _, no_gradient, orphans = Store.open(tmp_path / "store").verify()
+    assert orphans and not no_gradient  # the gradients were kept; the index is what is missing
+    assert main(argv) == 0
+    assert "added 0 gradients" in capsys.readouterr().out  # nothing recomputed
+    assert main(["ask", "--store", str(tmp_path / "store"), "--model", "tiny", "Where was Velmora Quistan born?"]) == 0
+    assert "sources=[]" not in capsys.readouterr().out
+    assert Store.open(tmp_path / "store").verify()[2] == []
