@@ -10,7 +10,8 @@ Layout of a bank directory::
 
     manifest.json                       # {format_version, binding, shapes, storage_dtype, shards:
                                         #  [{file, ids, bytes, sums, texts}], deleted: [...], ...}
-    shard-w000-<session>-000000.safetensors   # one stacked tensor per key: (n_rows, *shape)
+    shard-m-<session>-000000.safetensors      # one stacked tensor per key: (n_rows, *shape)
+    shard-w001-<session>-000000.safetensors   # written by worker 1 of N (distributed builds)
     manifest.w001.json                  # only while worker 1 of N builds (before merge)
     .writer.lock, .writer.lock.json     # the single writer's lock and who holds it
 
@@ -218,6 +219,7 @@ class VerifyReport:
         self.entries_checked = 0
         self.damaged: dict[str, str] = {}  # document id -> what is wrong
         self.damaged_shards: dict[str, str] = {}  # shard file -> what is wrong
+        self.stray_files: list[str] = []  # shard files no manifest lists (a write killed before its manifest)
         self.repaired = False
 
     @property
@@ -227,6 +229,8 @@ class VerifyReport:
     def __str__(self) -> str:
         lines = [f"{self.entries_checked} entries checked"]
         lines += [f"shard {f}: {why}" for f, why in sorted(self.damaged_shards.items())]
+        lines += [f"stray file {f}: listed by no manifest" + (" (removed)" if self.repaired else "")
+                  for f in self.stray_files]
         lines += [f"entry {i!r}: {why}" for i, why in sorted(self.damaged.items())[:20]]
         if len(self.damaged) > 20:
             lines.append(f"... and {len(self.damaged) - 20} more damaged entries")
@@ -261,6 +265,7 @@ class GradientBank:
         self._handles: dict[str, Any] = {}
         self._closed = False
         self._session = secrets.token_hex(4)  # shard names of this writer never collide with another's
+        self._shard_prefix = "shard-m" if num_workers == 1 else f"shard-w{worker:03d}"
         self._next_seq = 0
         self._last_flush = time.monotonic()
         self._lock = WriterLock(path / f".writer{'' if num_workers == 1 else f'.w{worker:03d}'}.lock")
@@ -342,6 +347,8 @@ class GradientBank:
         lock = WriterLock(path / f".writer{'' if num_workers == 1 else f'.w{worker:03d}'}.lock")
         _take(lock, path)
         try:
+            if (path / name).exists():  # another writer created it while we were getting here
+                raise BankError(f"a Gradient Bank already exists at {path}: use GradientBank.open_or_create")
             atomic_write_json(path / name, meta)
             bank = cls(path, meta, base, worker, num_workers)
         except BaseException:
@@ -352,16 +359,17 @@ class GradientBank:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, binding: dict | None = None, worker: int = 0,
-             num_workers: int = 1) -> GradientBank:
+             num_workers: int = 1, strict: bool = True) -> GradientBank:
         """Opens an existing bank for reading (its first write takes the writer lock); checks
         ``binding`` against the stored one when given, and every shard's size and ids.
 
         Raises:
             BankError: No bank at ``path`` (or its worker manifests are not merged yet).
             BankMismatchError: ``binding`` differs from the stored one.
-            BankCorruptError: The manifest or a shard file is damaged.
+            BankCorruptError: The manifest or a shard file is damaged (with ``strict=False`` the
+                damaged shards' documents are left out instead, see ``damaged_shards``).
         """
-        return cls._open(Path(path), binding, None, None, worker, num_workers, None)
+        return cls._open(Path(path), binding, None, None, worker, num_workers, None, strict=strict)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, *, binding: dict, shapes: dict[str, tuple[int, ...]],
@@ -410,7 +418,7 @@ class GradientBank:
             return
         _take(self._lock, self.path)
         name = self._manifest_name(self._worker, self._num_workers)
-        for torn in [*self.path.glob(f"shard-w{self._worker:03d}-*.tmp"), self.path / f"{name}.tmp"]:
+        for torn in [*self.path.glob(f"{self._shard_prefix}-*.tmp"), self.path / f"{name}.tmp"]:
             torn.unlink(missing_ok=True)  # left by a writer killed mid-write (we hold its lock now)
         current = _read_manifest(self.path / name)
         if current != self._on_disk:
@@ -542,9 +550,9 @@ class GradientBank:
         self._alive()
         _check_id(doc_id)
         self._validate(grad, None)
+        self._writing()
         if not overwrite and doc_id in self:
             raise BankError(f"document {doc_id!r} is already in the bank: pass overwrite=True to replace it")
-        self._writing()
         self._put(doc_id, grad, text_hash)
         self._flush_if_due()
 
@@ -559,9 +567,9 @@ class GradientBank:
         if text_hashes is not None and len(text_hashes) != len(doc_ids):
             raise InvalidInputError(f"got {len(text_hashes)} text hashes for {len(doc_ids)} documents")
         self._validate(grads, len(doc_ids))
+        self._writing()
         if not overwrite and (dup := [i for i in doc_ids if i in self]):
             raise BankError(f"document {dup[0]!r} is already in the bank: pass overwrite=True to replace it")
-        self._writing()
         for n, doc_id in enumerate(doc_ids):
             self._put(doc_id, {k: v[n] for k, v in grads.items()}, text_hashes[n] if text_hashes else None)
         self._flush_if_due()
@@ -584,7 +592,7 @@ class GradientBank:
 
     def _write_shard(self, ids: list[str], tensors: dict[str, torch.Tensor], texts: list[str | None]) -> dict:
         """Write rows ``(n, *shape)`` of ``ids`` as this writer's next shard file (atomic); its manifest record."""
-        file = f"shard-w{self._worker:03d}-{self._session}-{self._next_seq:06d}.safetensors"
+        file = f"{self._shard_prefix}-{self._session}-{self._next_seq:06d}.safetensors"
         self._next_seq += 1
         sums = [entry_checksum({k: v[row] for k, v in tensors.items()}) for row in range(len(ids))]
         atomic_write(self.path / file, lambda tmp: save_file(
@@ -599,10 +607,10 @@ class GradientBank:
         """
         self._alive()
         ids = list(dict.fromkeys([doc_ids] if isinstance(doc_ids, str) else doc_ids))
+        self._writing()
         for i in ids:
             if i not in self:
                 raise UnknownDocumentError(f"unknown document id {i!r}: it is not in the bank at {self.path}")
-        self._writing()
         tomb = [i for i in ids if i in self._index]
         for i in ids:
             self._pending.pop(i, None)
@@ -616,6 +624,9 @@ class GradientBank:
         """Rewrites this writer's shards without deleted/overwritten/damaged rows, then removes
         the old files; returns the bytes freed."""
         self._alive()
+        if self._num_workers == 1 and self._worker_manifests(self.path):
+            raise BankError(f"the Gradient Bank at {self.path} has unmerged worker manifests that share its shard "
+                            "files: run `regrad merge --store <the store above it>` before compacting")
         self.flush()
         self._writing()
         own = {s["file"] for s in self._shards}
@@ -705,24 +716,33 @@ class GradientBank:
             BankCorruptError: The manifest itself is damaged (nothing to repair from).
         """
         bank = cls._open(Path(path), None, None, None, 0, 1, None, strict=False)
-        report = VerifyReport()
-        report.damaged_shards = dict(bank.damaged_shards)
-        for doc_id in list(bank._index):
-            report.entries_checked += 1
-            try:
-                bank._read_entry(doc_id)
-            except BankCorruptError as exc:
-                report.damaged[doc_id] = str(exc).split(": run `regrad verify")[0]
-        if repair and not report.ok:
-            bank._writing()
-            dropped = set(report.damaged_shards)
-            bank._shards = [s for s in bank._shards if s["file"] not in dropped]
-            bank._deleted.update(report.damaged)
-            bank._write_manifest()
-            bank._build_index()
-            bank.compact()
-            report.repaired = True
-        bank.close()
+        try:
+            report = VerifyReport()
+            report.damaged_shards = dict(bank.damaged_shards)
+            lost = {i for s in bank._shards if s["file"] in report.damaged_shards for i in s["ids"]}
+            for doc_id in list(bank._index):
+                report.entries_checked += 1
+                try:
+                    bank._read_entry(doc_id)
+                except BankCorruptError as exc:
+                    report.damaged[doc_id] = str(exc).split(": run `regrad verify")[0]
+            listed = {s["file"] for s in bank._base_shards + bank._shards}
+            if not bank._worker_manifests(bank.path):  # every shard file belongs to this manifest
+                report.stray_files = sorted(p.name for p in bank.path.glob("shard-*.safetensors") if p.name not in listed)
+            if repair and (not report.ok or report.stray_files):
+                bank._writing()
+                bank._shards = [s for s in bank._shards if s["file"] not in report.damaged_shards]
+                # every id of a dropped shard is gone (an older copy elsewhere must not come back)
+                bank._deleted.update(lost | set(report.damaged))
+                report.damaged.update({i: "in a dropped shard" for i in lost if i not in report.damaged})
+                bank._write_manifest()
+                bank._build_index()
+                bank.compact()
+                for name in [*report.damaged_shards, *report.stray_files]:
+                    (bank.path / name).unlink(missing_ok=True)
+                report.repaired = True
+        finally:
+            bank.close()
         return report
 
     # ---------------------------------------------------------------- merge / lifecycle
@@ -794,6 +814,12 @@ class GradientBank:
         atomic_write_json(path / _MAIN_MANIFEST, meta)
         for p in found.values():
             p.unlink()
+
+    def done_writing(self) -> None:
+        """Flush and give the writer lock back (the object stays open for reading; its next
+        write takes the lock again). For long-lived readers that write now and then."""
+        self.flush()
+        self._lock.release()
 
     def close(self) -> None:
         """Flushes pending rows and releases file handles. Idempotent."""

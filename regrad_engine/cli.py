@@ -168,11 +168,12 @@ def _cmd_verify(args) -> int:
     if orphans:
         print(f"{len(orphans)} gradients belong to no indexed document (e.g. {orphans[:3]})"
               + ("; removed" if args.repair else "; --repair removes them"))
-    if report.ok and not orphans:
+    if report.ok and not orphans and not report.stray_files:
         print("the bank verifies" + ("" if not no_gradient else " (some documents still need `regrad build`)"))
         return 0
-    if report.repaired:
-        print("repaired: the damaged entries were dropped; run `regrad build` with the corpus to recompute them")
+    if args.repair:
+        print("repaired: damaged entries and stray files were dropped; run `regrad build` with the corpus to "
+              "recompute the dropped documents")
         return 0
     print("damage found: run again with --repair, then `regrad build` with the corpus")
     return 1

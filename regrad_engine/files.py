@@ -35,6 +35,21 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], A
         os.chmod(tmp, mode)  # safetensors creates 0600 files: keep shards as readable as the manifest
     fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> None:
@@ -80,7 +95,11 @@ class WriterLock:
             self._lock.acquire()
         except Timeout:
             raise LockHeld(self.path, self.holder()) from None
-        atomic_write_json(self._info, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        try:
+            atomic_write_json(self._info, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        except BaseException:
+            self._lock.release()  # never hold a lock the caller does not know it has
+            raise
 
     def holder(self) -> dict:
         try:

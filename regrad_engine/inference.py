@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from regrad_engine.bank import GradientBank
+from regrad_engine.bank import GradientBank, text_hash
 from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.errors import (
-    BankLockedError,
+    BankError,
     RequestError,
     check_gamma,
     check_k,
@@ -130,9 +130,13 @@ class ReGrad:
             logger.warning("%d retrieved documents (e.g. %r) have no stored gradient: computing them now; run "
                            "`regrad build` (or `regrad verify`) on the store to store them", len(missing), missing[0].id)
         computed = self.document_gradients(missing) if missing else {}
+        broken = [d for d, grad in computed.items() if not all(bool(torch.isfinite(g).all()) for g in grad.values())]
+        if broken:  # never applied, never stored
+            raise RequestError(f"document {broken[0]!r} gives a non-finite (NaN/Inf) gradient at this checkpoint: "
+                               "remove it from the corpus or pass other documents")
         with self._bank_lock:
             if computed and self.write_back and self.bank is not None:
-                self._write_back(computed)
+                self._write_back(computed, {h.id: h.text for h in missing})
             if self.bank is not None:
                 id_lists = [[h.id for h in hits if h.id not in computed] for hits in hits_lists]
                 sums = {k: v.to(self.device) for k, v in self.bank.sum_batch(id_lists).items()}
@@ -145,15 +149,16 @@ class ReGrad:
                         sums[key][row] += computed[hit.id][key]
         return sums
 
-    def _write_back(self, computed: Mapping[str, Phi]) -> None:
-        """Store on-the-fly gradients; a bank another process is writing is left alone (the
-        answer does not depend on it)."""
+    def _write_back(self, computed: Mapping[str, Phi], texts: Mapping[str, str]) -> None:
+        """Store on-the-fly gradients (with their text hashes) and give the writer lock back at
+        once. A bank another process is writing, or a read-only one, is left alone: the
+        answer does not depend on it."""
         try:
             for doc_id, grad in computed.items():
                 if doc_id not in self.bank:
-                    self.bank.add(doc_id, {k: v.cpu() for k, v in grad.items()})
-            self.bank.flush()
-        except BankLockedError as err:
+                    self.bank.add(doc_id, {k: v.cpu() for k, v in grad.items()}, text_hash=text_hash(texts[doc_id]))
+            self.bank.done_writing()
+        except BankError as err:
             logger.warning("not storing %d on-the-fly gradients: %s", len(computed), err)
 
     def adapted_factors(self, hits_lists: Sequence[Sequence[Hit]], gamma: float) -> Phi:

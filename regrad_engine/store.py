@@ -29,7 +29,7 @@ import torch
 from regrad_engine.bank import GradientBank, VerifyReport, text_hash
 from regrad_engine.checkpoint import MetaCheckpoint, library_version
 from regrad_engine.data import Chunk, chunk_source
-from regrad_engine.errors import RetrievalError, StoreError
+from regrad_engine.errors import RetrievalError, StoreError, UnknownDocumentError
 from regrad_engine.files import atomic_write_json
 from regrad_engine.gradients import document_gradients
 from regrad_engine.inference import ReGrad
@@ -241,15 +241,20 @@ class Store:
         """
         index = self.index()  # before the bank changes: a server that is down fails here
         with self.bank() as bank:
+            bank._writing()  # one writer for bank and index alike
             chunks: dict[str, list[str]] = {}
-            for doc_id in bank.ids():
+            for doc_id in sorted(set(bank.ids()) | set(index.ids())):
                 chunks.setdefault(chunk_source(doc_id), []).append(doc_id)
-            expanded = [c for i in ids for c in ([i] if i in bank else chunks.get(i, [i]))]
-            bank.delete(expanded)  # unknown ids raise before anything is removed
+            expanded = [c for i in ids for c in ([i] if i in bank or i in index else chunks.get(i, [i]))]
+            unknown = [i for i in expanded if i not in bank and i not in index]
+            if unknown:
+                raise UnknownDocumentError(f"unknown document id {unknown[0]!r}: it is in neither the bank nor the "
+                                           f"index of {self.path}")
+            bank.delete([i for i in expanded if i in bank])
+            index.delete(expanded)  # before compacting: bank and index agree even if compacting fails
+            index.save()
             if compact:
                 bank.compact()
-        index.delete(expanded)
-        index.save()
         return len(expanded)
 
     def compact(self) -> int:
@@ -267,7 +272,7 @@ class Store:
         """
         report = GradientBank.verify(self.path / "bank", repair=repair)
         index_ids = set(self.index().ids())
-        with self.bank() as bank:
+        with GradientBank.open(self.path / "bank", strict=False) as bank:
             bank_ids = set(bank.ids())
             orphans = sorted(bank_ids - index_ids)
             if repair and orphans:
@@ -341,8 +346,8 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
         stats = add_gradients(model.model, model.tokenizer, space, checkpoint.phi, chunks, bank,
                               doc_max_tokens=doc_max_tokens, batch_size=batch_size, overwrite=overwrite,
                               worker=worker, num_workers=num_workers, progress=progress)
-    if worker == 0 and not reuse_index:
-        target = index if index is not None else opened.index()
-        target.add(chunks)
-        target.save()
+        if worker == 0 and not reuse_index:  # still under the bank's writer lock
+            target = index if index is not None else opened.index()
+            target.add(chunks)
+            target.save()
     return stats
