@@ -27,7 +27,7 @@ _HOME = {  # name -> module: loaded on first use, so `import regrad_engine.infer
     "MetaCheckpoint": "checkpoint",
     "load_model": "models", "LoadedModel": "models", "DEFAULT_MODEL": "models",
     **dict.fromkeys(["RegradError", "RequestError", "ConfigError", "DataError", "RetrievalError", "BankError",
-                     "CheckpointError", "ModelLoadError"], "errors"),
+                     "BankCorruptError", "BankLockedError", "StoreError", "CheckpointError", "ModelLoadError"], "errors"),
 }
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from regrad_engine.config import MetaTrainConfig
     from regrad_engine.data import Chunk, MetaExample, meta_examples, read_corpus
     from regrad_engine.errors import (
-        BankError, CheckpointError, ConfigError, DataError, ModelLoadError, RegradError, RequestError, RetrievalError,
+        BankCorruptError, BankError, BankLockedError, CheckpointError, ConfigError, DataError, ModelLoadError,
+        RegradError, RequestError, RetrievalError, StoreError,
     )
     from regrad_engine.inference import Answer, ReGrad
     from regrad_engine.meta import MetaTrainer
@@ -69,6 +70,6 @@ __all__ = [
     # models
     "load_model", "LoadedModel", "DEFAULT_MODEL",
     # errors
-    "RegradError", "RequestError", "ConfigError", "DataError", "RetrievalError", "BankError", "CheckpointError",
-    "ModelLoadError",
+    "RegradError", "RequestError", "ConfigError", "DataError", "RetrievalError", "BankError", "BankCorruptError",
+    "BankLockedError", "StoreError", "CheckpointError", "ModelLoadError",
 ]

@@ -381,7 +381,7 @@ class GradientBank:
         if (path / cls._manifest_name(worker, num_workers)).exists():
             bank = cls._open(path, binding, _norm_shapes(shapes), _norm_dtype(storage_dtype), worker,
                              num_workers, shard_size)
-            bank._writing()
+            bank.begin_writing()
             return bank
         return cls.create(path, binding=binding, shapes=shapes, storage_dtype=storage_dtype,
                           shard_size=shard_size, worker=worker, num_workers=num_workers)
@@ -411,8 +411,9 @@ class GradientBank:
         return cls(path, meta, base, worker, num_workers, shard_size, strict=strict)
 
     # ---------------------------------------------------------------- the writer lock
-    def _writing(self) -> None:
-        """Take the writer lock before the first write; if another writer changed the manifest
+    def begin_writing(self) -> None:
+        """Take the writer lock now (every write does so itself; call it to hold the bank while
+        writing what belongs with it, e.g. its index). Before the first write; if another writer changed the manifest
         since this object read it, continue from what is on disk now."""
         if self._lock.held:
             return
@@ -550,7 +551,7 @@ class GradientBank:
         self._alive()
         _check_id(doc_id)
         self._validate(grad, None)
-        self._writing()
+        self.begin_writing()
         if not overwrite and doc_id in self:
             raise BankError(f"document {doc_id!r} is already in the bank: pass overwrite=True to replace it")
         self._put(doc_id, grad, text_hash)
@@ -567,7 +568,7 @@ class GradientBank:
         if text_hashes is not None and len(text_hashes) != len(doc_ids):
             raise InvalidInputError(f"got {len(text_hashes)} text hashes for {len(doc_ids)} documents")
         self._validate(grads, len(doc_ids))
-        self._writing()
+        self.begin_writing()
         if not overwrite and (dup := [i for i in doc_ids if i in self]):
             raise BankError(f"document {dup[0]!r} is already in the bank: pass overwrite=True to replace it")
         for n, doc_id in enumerate(doc_ids):
@@ -579,7 +580,7 @@ class GradientBank:
         self._last_flush = time.monotonic()
         if self._closed or not self._pending:
             return
-        self._writing()
+        self.begin_writing()
         ids = list(self._pending)
         shard = self._write_shard(ids, {k: torch.stack([self._pending[i][0][k] for i in ids]) for k in self.shapes},
                                   [self._pending[i][1] for i in ids])
@@ -607,7 +608,7 @@ class GradientBank:
         """
         self._alive()
         ids = list(dict.fromkeys([doc_ids] if isinstance(doc_ids, str) else doc_ids))
-        self._writing()
+        self.begin_writing()
         for i in ids:
             if i not in self:
                 raise UnknownDocumentError(f"unknown document id {i!r}: it is not in the bank at {self.path}")
@@ -628,7 +629,7 @@ class GradientBank:
             raise BankError(f"the Gradient Bank at {self.path} has unmerged worker manifests that share its shard "
                             "files: run `regrad merge --store <the store above it>` before compacting")
         self.flush()
-        self._writing()
+        self.begin_writing()
         own = {s["file"] for s in self._shards}
         before = sum((self.path / f).stat().st_size for f in own if (self.path / f).is_file())
         live = [i for i, (f, _) in self._index.items() if f in own]
@@ -730,7 +731,7 @@ class GradientBank:
             if not bank._worker_manifests(bank.path):  # every shard file belongs to this manifest
                 report.stray_files = sorted(p.name for p in bank.path.glob("shard-*.safetensors") if p.name not in listed)
             if repair and (not report.ok or report.stray_files):
-                bank._writing()
+                bank.begin_writing()
                 bank._shards = [s for s in bank._shards if s["file"] not in report.damaged_shards]
                 # every id of a dropped shard is gone (an older copy elsewhere must not come back)
                 bank._deleted.update(lost | set(report.damaged))

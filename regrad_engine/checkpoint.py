@@ -110,9 +110,9 @@ class MetaCheckpoint:
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
         if not manifest_path.exists() or not (directory / "meta.safetensors").exists():
-            raise CheckpointError(f"no meta checkpoint at {directory}: pass --meta with a checkpoint directory "
-                                  "(one holding manifest.json and meta.safetensors, e.g. the best/ folder "
-                                  "`regrad train` writes)")
+            raise CheckpointError(f"no meta checkpoint at {directory}: pass a checkpoint directory (--meta, or "
+                                  "--init-from for `regrad train`): one holding manifest.json and meta.safetensors, "
+                                  "e.g. the best/ folder `regrad train` writes")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

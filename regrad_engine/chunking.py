@@ -24,6 +24,7 @@ from regrad_engine.errors import ConfigError
 __all__ = ["Chunk", "CorpusError", "chunk_documents", "chunk_source", "read_corpus"]
 
 _SENTENCE_END = ".!?"
+MIN_CHUNK_TOKENS = 8  # shorter windows cut text into pieces too small to learn from
 
 
 def _is_boundary(text: str, offsets: list, e: int) -> tuple[bool, bool]:
@@ -85,6 +86,8 @@ def _chunk_texts(text: str, tokenizer: Any, max_tokens: int, overlap: int) -> li
     start, n = 0, len(offsets)
     while start < n:
         end = _window_end(text, offsets, start, max_tokens)
+        if 0 < n - end < 2 and end - start > 2:
+            end = n - 2  # never leave a one-token tail: a chunk needs 2+ tokens for an LM gradient
         while True:
             piece = text[offsets[start][0] : offsets[end - 1][1]].strip()
             # Tokenizing a substring can differ at its edges; shrink until it fits.
@@ -129,11 +132,12 @@ def chunk_documents(
             tokenizer cannot return offsets.
         CorpusError: If a document is malformed or ids collide.
     """
-    if max_tokens <= 0:
-        raise ConfigError(f"max_tokens (--chunk-tokens) must be >= 1, got {max_tokens}")
+    if not isinstance(max_tokens, int) or max_tokens < MIN_CHUNK_TOKENS:
+        raise ConfigError(f"max_tokens (--chunk-tokens) must be >= {MIN_CHUNK_TOKENS}, got {max_tokens}")
     if not 0 <= overlap < max_tokens:
         raise ConfigError(f"overlap must be >= 0 and < max_tokens ({max_tokens}), got {overlap}")
     chunks: list[Chunk] = []
+    too_short: list[tuple[int, str]] = []
     seen_docs: set[str] = set()
     seen_chunks: set[str] = set()
     for n, raw in enumerate(docs):
@@ -143,6 +147,9 @@ def chunk_documents(
         if doc_id in seen_docs:
             raise CorpusError(f"document #{n}: duplicate id {doc_id!r}; document ids must be unique")
         seen_docs.add(doc_id)
+        if _count_tokens(tokenizer, text) < 2:
+            too_short.append((n, doc_id))
+            continue
         pieces = _chunk_texts(text, tokenizer, max_tokens, overlap)
         for i, piece in enumerate(pieces):
             cid = doc_id if len(pieces) == 1 else f"{doc_id}#{i}"
@@ -150,4 +157,8 @@ def chunk_documents(
                 raise CorpusError(f"document #{n}: chunk id {cid!r} collides with another document's id; rename one")
             seen_chunks.add(cid)
             chunks.append(Chunk(id=cid, text=piece, source_id=doc_id, index=i, metadata=dict(doc)))
+    if too_short:
+        n, doc_id = too_short[0]
+        raise CorpusError(f"document #{n} (id {doc_id!r}) is shorter than 2 tokens: an LM gradient needs more; "
+                          f"remove it or give it text ({len(too_short)} such documents)")
     return chunks

@@ -72,6 +72,7 @@ def _cmd_train(args) -> int:
 
     overrides = _config_overrides(args)
     cfg = load_config(MetaTrainConfig, args.config, overrides)
+    check_device(cfg.device)
     log.info("seed %d", set_seed(cfg.seed))
     model = _load(cfg.model, cfg.device, args.dtype, args.threads, attn="eager")
     init = MetaCheckpoint.load(cfg.init_from) if cfg.init_from else None
@@ -91,7 +92,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_build(args) -> int:
-    from regrad_engine.chunking import chunk_documents, read_corpus
+    from regrad_engine.chunking import chunk_documents
+    from regrad_engine.data import read_corpus
     from regrad_engine.store import build_store
 
     if not args.meta or not (args.corpus or args.elasticsearch is not None):
@@ -263,7 +265,7 @@ def _cmd_demo(args) -> int:
 def _lora_config(model, settings):
     from regrad_engine.lora import default_lora_config
 
-    config = default_lora_config(model.config.num_hidden_layers, r=settings.r, lora_alpha=int(settings.lora_alpha))
+    config = default_lora_config(model.config.num_hidden_layers, r=settings.r, lora_alpha=settings.lora_alpha)
     config.target_modules = list(settings.target_modules)
     if settings.layers is not None:
         config.layers_to_transform = list(settings.layers)
@@ -326,11 +328,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             del options["metavar"]
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
-            options["type"] = lambda text, item=item: [item(x) for x in text.split(",") if x.strip()]
+            options["type"] = _list_of(item)
             options["metavar"] = "A,B"
         else:
             options["type"] = kind
         p.add_argument(*flags, **options)
+
+
+def _list_of(item):
+    def parse(text: str) -> list:
+        return [item(x.strip()) for x in text.split(",") if x.strip()]
+
+    parse.__name__ = f"comma-separated {item.__name__}"  # argparse names it in its error message
+    return parse
 
 
 def _config_overrides(args) -> dict:
@@ -477,13 +487,45 @@ def _os_error(err: OSError) -> str:
     return f"{err.strerror or err}{where}: " + hints.get(err.errno, "check the path and the disk")
 
 
+def _check_args(args) -> None:
+    """The flags every job shares, checked before any work (a model load takes a while)."""
+    from regrad_engine.errors import check_k
+
+    for name in ("k", "threads", "batch_size", "entities", "questions", "limit", "num_workers", "chunk_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and not isinstance(value, list):  # `ask` has a list of questions of that name
+            check_k(value, "--" + name.replace("_", "-"))
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch does not know or this machine does not have (ModelLoadError)."""
+    import torch
+
+    from regrad_engine.errors import ModelLoadError
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind.type == "cuda" and (not torch.cuda.is_available() or (kind.index or 0) >= torch.cuda.device_count()):
+        raise ModelLoadError(f"--device {device}: no such CUDA GPU is visible here; use --device cpu")
+    if kind.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"--device {device!r}: regrad runs on cpu or cuda")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     from regrad_engine.errors import RegradError
 
+    if not args.verbose:  # libraries that log tracebacks or debug lines of their own
+        for name in ("elastic_transport", "bm25s"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        _check_args(args)
         return args.func(args)
     except RegradError as err:
         print(f"regrad {args.command}: error: {err}", file=sys.stderr)

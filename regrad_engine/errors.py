@@ -84,10 +84,10 @@ MODES: tuple[str, ...] = ("parametric", "hybrid")
 MAX_GAMMA = 1e3  # a test-time step scale beyond this only ever yields garbage
 
 
-def check_mode(mode: Any) -> str:
-    """``mode`` itself if it is ``"parametric"`` or ``"hybrid"``."""
-    if mode not in MODES:
-        raise RequestError(f"mode must be 'parametric' or 'hybrid', got {mode!r}")
+def check_mode(mode: Any, allowed: tuple[str, ...] = MODES) -> str:
+    """``mode`` itself if it is one of ``allowed`` (``"parametric"`` or ``"hybrid"``)."""
+    if not isinstance(mode, str) or mode not in allowed:
+        raise RequestError(f"mode must be {' or '.join(repr(m) for m in allowed)}, got {mode!r}")
     return mode
 
 

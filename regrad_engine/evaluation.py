@@ -34,10 +34,9 @@ from pathlib import Path
 
 from regrad_engine.bank import GradientBank
 from regrad_engine.checkpoint import MetaCheckpoint
-from regrad_engine.chunking import Chunk
-from regrad_engine.data import DataError, EvalItem, eval_items, load_documents
+from regrad_engine.data import Chunk, DataError, EvalItem, eval_items, load_documents
 from regrad_engine.inference import ReGrad
-from regrad_engine.lora import LoraSpace, lora_config_from_dict
+from regrad_engine.lora import LoraSpace
 from regrad_engine.metrics import (
     Scores,
     bootstrap_interval,
@@ -117,7 +116,7 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     passages = [[h.text for h in d] for d in documents]
 
     meta.check_base(model.fingerprint, model.name)
-    space = getattr(model.model, "_regrad_space", None) or LoraSpace(model.model, lora_config_from_dict(meta.lora))
+    space = LoraSpace.attach(model.model, meta.lora)
     needed = {h.id: h.text for d in documents for h in d}  # random_docs are drawn from these
     chunks = [Chunk(id=d, text=t, source_id=d, index=0) for d, t in sorted(needed.items())]
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.config import MetaTrainConfig
 from regrad_engine.data import MetaExample
+from regrad_engine.errors import check_mode
 from regrad_engine.gradients import document_gradients, model_loss
 from regrad_engine.lora import LoraSpace, Phi, apply_update, init_step_sizes
 from regrad_engine.prompts import encode_documents, encode_qa_batch
@@ -35,8 +36,7 @@ from regrad_engine.prompts import encode_documents, encode_qa_batch
 def hybrid_tasks(mode: str, n: int) -> list[bool]:
     """Which of n tasks read their passages in the prompt: none (parametric), all (hybrid),
     or every second one (mixed: one checkpoint meta-trained for both modes)."""
-    if mode not in ("parametric", "hybrid", "mixed"):
-        raise ValueError(f"mode must be 'parametric', 'hybrid' or 'mixed', got {mode!r}")
+    check_mode(mode, allowed=("parametric", "hybrid", "mixed"))
     return [mode == "hybrid" or (mode == "mixed" and i % 2 == 1) for i in range(n)]
 
 

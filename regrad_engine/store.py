@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from regrad_engine.bank import GradientBank, VerifyReport, text_hash
-from regrad_engine.checkpoint import MetaCheckpoint, library_version
+from regrad_engine.checkpoint import SHIPPED, MetaCheckpoint, library_version, shipped_checkpoint
 from regrad_engine.data import Chunk, chunk_source
-from regrad_engine.errors import RetrievalError, StoreError, UnknownDocumentError
+from regrad_engine.errors import DataError, RetrievalError, StoreError, UnknownDocumentError
 from regrad_engine.files import atomic_write_json
 from regrad_engine.gradients import document_gradients
 from regrad_engine.inference import ReGrad
@@ -42,6 +42,7 @@ from regrad_engine.retrieval.bm25 import BM25Index
 STORE_FILE = "regrad.json"
 STORE_KIND = "regrad-store"
 STORE_FORMAT = 1
+SHIPPED_PREFIX = "shipped:"  # regrad.json's name for a checkpoint that ships with the package
 
 
 def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: int) -> dict:
@@ -89,7 +90,11 @@ def add_gradients(model, tokenizer, space: LoraSpace, phi, chunks: Sequence[Chun
     with tqdm(total=len(todo), desc="gradient bank", unit="doc", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            tokens = {k: v.to(device) for k, v in encode_documents(tokenizer, [c.text for c in batch], doc_max_tokens).items()}
+            try:
+                encoded = encode_documents(tokenizer, [c.text for c in batch], doc_max_tokens)
+            except ValueError as err:  # a chunk too short to learn from
+                raise DataError(f"{err}; remove that document or give it more text") from None
+            tokens = {k: v.to(device) for k, v in encoded.items()}
             grads = document_gradients(model, space, phi, tokens)
             bank.add_batch([c.id for c in batch], {k: g.detach().cpu() for k, g in grads.items()}, overwrite=True,
                            text_hashes=[hashes[c.id] for c in batch])
@@ -104,7 +109,8 @@ class Store:
 
     ``regrad.json`` (format 1): ``{"format_version": 1, "kind": "regrad-store", "model": NAME,
     "meta": PATH, "doc_max_tokens": N, "retriever": {"type": KIND, ...}, "library_version": V}``;
-    ``meta`` is relative to the store directory unless it was on another drive. Files of
+    ``meta`` is relative to the store directory (absolute if it was on another drive), or
+    ``shipped:NAME`` for a checkpoint that ships inside the package. Files of
     older regrad versions (no ``format_version``, absolute ``meta``) are read as well.
 
     Use :meth:`create`, :meth:`open` or :meth:`open_or_create`.
@@ -167,6 +173,8 @@ class Store:
 
     def _relative(self, meta_path: str | os.PathLike) -> str:
         target = Path(meta_path).resolve()
+        if target.parent == SHIPPED.resolve():  # a checkpoint of the package: by name, valid across reinstalls
+            return f"{SHIPPED_PREFIX}{target.name}"
         try:
             return os.path.relpath(target, self.path.resolve())
         except ValueError:  # another drive (Windows): keep it absolute
@@ -183,6 +191,8 @@ class Store:
     @property
     def meta_path(self) -> Path:
         """The meta checkpoint the store was built with."""
+        if self._info["meta"].startswith(SHIPPED_PREFIX):
+            return shipped_checkpoint(self._info["meta"][len(SHIPPED_PREFIX):])
         meta = Path(self._info["meta"])
         return meta if meta.is_absolute() else (self.path / meta).resolve()
 
@@ -241,7 +251,7 @@ class Store:
         """
         index = self.index()  # before the bank changes: a server that is down fails here
         with self.bank() as bank:
-            bank._writing()  # one writer for bank and index alike
+            bank.begin_writing()  # one writer for bank and index alike
             chunks: dict[str, list[str]] = {}
             for doc_id in sorted(set(bank.ids()) | set(index.ids())):
                 chunks.setdefault(chunk_source(doc_id), []).append(doc_id)
@@ -347,7 +357,7 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
                               doc_max_tokens=doc_max_tokens, batch_size=batch_size, overwrite=overwrite,
                               worker=worker, num_workers=num_workers, progress=progress)
         if worker == 0 and not reuse_index:  # still under the bank's writer lock
-            target = index if index is not None else opened.index()
+            target = index if index is not None else BM25Index.open_or_create(opened.path / "index")
             target.add(chunks)
             target.save()
     return stats

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field, PrivateAttr
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from regrad_engine.errors import check_gamma, check_mode
+from regrad_engine.errors import check_gamma, check_k, check_mode
 from regrad_engine.inference import ReGrad
 from regrad_engine.retrieval.base import Hit
 from regrad_integrations._registry import prompt_documents, registry_for
@@ -77,10 +77,7 @@ class ReGradRetriever(BaseRetriever):
         return self._documents([self._hit(doc) for doc in docs[:k]])
 
     def _check_k(self, k: int | None) -> int:
-        k = self.k if k is None else k
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        return k
+        return check_k(self.k if k is None else k)
 
     def _hit(self, doc: Document) -> Hit:
         doc_id = doc.metadata.get(self.id_key) or doc.id or hashlib.sha1(doc.page_content.encode()).hexdigest()

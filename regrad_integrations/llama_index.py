@@ -36,7 +36,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("the LlamaIndex adapters need llama-index-core: pip install 'regrad[llamaindex]'") from err
 
-from regrad_engine.errors import RequestError, check_texts
+from regrad_engine.errors import check_k, check_texts
 from regrad_engine.retrieval.base import Hit
 from regrad_integrations._registry import prompt_documents, registry_for
 
@@ -69,7 +69,7 @@ class ReGradRetriever(BaseRetriever):
     def __init__(self, engine: Any, k: int | None = None, callback_manager: CallbackManager | None = None) -> None:
         super().__init__(callback_manager=callback_manager)
         self.engine = engine
-        self.k = engine.k if k is None else k
+        self.k = check_k(engine.k if k is None else k)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         check_texts([query_bundle.query_str])  # before a foreign retriever or embedder sees it
@@ -186,8 +186,7 @@ class ReGradLLM(CustomLLM):
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         message, hits = prompt_documents(self.engine, prompt, self.mode)
-        if not message.strip():
-            raise RequestError("the prompt is empty")
+        check_texts([message], "prompt")
 
         def gen() -> CompletionResponseGen:
             text = ""

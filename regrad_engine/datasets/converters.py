@@ -58,7 +58,7 @@ def shared_data_dir() -> Path:
     return beside_checkout if beside_checkout.is_dir() else Path.cwd().parent / "shared" / "data"
 
 
-def _source(*parts: str) -> Path:
+def source_path(*parts: str) -> Path:
     path = shared_data_dir().joinpath(*parts)
     if not path.exists():
         raise DatasetError(f"{path} not found: the examples read the shared data set from ../shared/data "
@@ -66,7 +66,7 @@ def _source(*parts: str) -> Path:
     return path
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -79,7 +79,7 @@ def _cut(text: str, max_chars: int) -> str:
     return (cut[:space] if space > max_chars // 2 else cut).rstrip(" ,;:") + " ..."
 
 
-def _norm(text: str) -> str:
+def normalized(text: str) -> str:
     """Lowercase alphanumerics only, single-spaced (for 'is the answer in the document' checks)."""
     return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
@@ -118,8 +118,8 @@ def pubmedqa(out_dir: str | Path, *, train: int = 300, dev: int = 50, test: int 
     yes / no / maybe. Test = a seeded sample of ``test`` ids of the official test split
     (``test_ground_truth.json``, which lists its ids sorted by label: its first 100 are all
     "yes"); train and dev are drawn (seeded) from the other 500."""
-    data = json.loads(_source("medical", "pubmedqa", "ori_pqal.json").read_text(encoding="utf-8"))
-    official_test = list(json.loads(_source("medical", "pubmedqa", "test_ground_truth.json").read_text()))
+    data = json.loads(source_path("medical", "pubmedqa", "ori_pqal.json").read_text(encoding="utf-8"))
+    official_test = list(json.loads(source_path("medical", "pubmedqa", "test_ground_truth.json").read_text()))
     rest = sorted(pmid for pmid in data if pmid not in set(official_test))
     random.Random(seed).shuffle(rest)
     if test > len(official_test) or train + dev > len(rest):
@@ -134,8 +134,8 @@ def pubmedqa(out_dir: str | Path, *, train: int = 300, dev: int = 50, test: int 
             contexts = item["CONTEXTS"]
             if isinstance(contexts, str):  # stored as a Python list literal in some copies
                 contexts = ast.literal_eval(contexts)
-            documents.append({"id": pmid, "title": f"PMID {pmid}", "text": _clean(" ".join(contexts)), "split": split})
-            splits[split].append({"id": pmid, "question": _clean(item["QUESTION"]),
+            documents.append({"id": pmid, "title": f"PMID {pmid}", "text": clean_text(" ".join(contexts)), "split": split})
+            splits[split].append({"id": pmid, "question": clean_text(item["QUESTION"]),
                                   "answers": [item["final_decision"]], "doc_id": pmid})
     return write_data_dir(out_dir, documents, splits)
 
@@ -154,13 +154,13 @@ def _spans(cell: str) -> list[str]:
         value = [value]
     spans = []
     for span in value:
-        span = _clean(str(span).replace("<omitted>", " ... "))
+        span = clean_text(str(span).replace("<omitted>", " ... "))
         if span and span not in spans:
             spans.append(span)
     return spans
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -226,7 +226,7 @@ def _cuad_answers(category: str, answer_cell: str, spans: list[str]) -> list[str
     for value in values:
         if category == "Parties":
             value = re.sub(r"\([^)]*\)", " ", value)  # drop the defined terms ("Company")
-        value = _clean(value).strip(" ,;(").rstrip(")")
+        value = clean_text(value).strip(" ,;(").rstrip(")")
         if not value or "[" in value or "*" in value or len(value) > 80:
             continue
         answers.append(value)
@@ -243,7 +243,7 @@ def _cuad_answers(category: str, answer_cell: str, spans: list[str]) -> list[str
 
 def _contract_window(contract_text: str, spans: list[str], max_chars: int) -> str | None:
     """A passage of the contract around the earliest annotated span (for span-only categories)."""
-    text = _clean(contract_text)
+    text = clean_text(contract_text)
     found = [pos for pos in (text.find(span[:60]) for span in spans) if pos >= 0]
     if not found:
         return None
@@ -255,7 +255,7 @@ def _contract_window(contract_text: str, spans: list[str], max_chars: int) -> st
 
 def cuad_contract_text(filename: str) -> str:
     """The full text of a CUAD contract by its ``master_clauses.csv`` file name ('' if absent)."""
-    txt = _source("legal", "cuad", "master_clauses.csv").parent / "full_contract_txt" / (
+    txt = source_path("legal", "cuad", "master_clauses.csv").parent / "full_contract_txt" / (
         re.sub(r"\.(pdf|PDF)$", "", filename) + ".txt")
     return txt.read_text(encoding="utf-8", errors="replace") if txt.exists() else ""
 
@@ -269,7 +269,7 @@ def cuad_items(*, categories: Sequence[str] = CUAD_CATEGORIES, max_chars: int = 
     dates get a passage of the contract around the span) and a question built from the
     category and the contract's short name. With ``grounded`` a question is kept only if one
     of its answers is in its document."""
-    path = _source("legal", "cuad", "master_clauses.csv")
+    path = source_path("legal", "cuad", "master_clauses.csv")
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     unknown = [c for c in categories if c not in rows[0] or f"{c}-Answer" not in rows[0]]
@@ -298,9 +298,9 @@ def cuad_items(*, categories: Sequence[str] = CUAD_CATEGORIES, max_chars: int = 
             name = names[index]
             title = name[0].upper() + name[1:]
             text = _cut(f"{title} ({category}): {clause}", max_chars)
-            if grounded and not any(_norm(a) and _norm(a) in _norm(text) for a in answers):
+            if grounded and not any(normalized(a) and normalized(a) in normalized(text) for a in answers):
                 continue
-            doc_id = f"{index}-{_slug(category)}"
+            doc_id = f"{index}-{slug(category)}"
             doc = {"id": doc_id, "title": title, "text": text}
             qa = {"id": doc_id, "question": CUAD_QUESTIONS.get(category, f"What is the {category.lower()} of the {{name}}?")
                   .format(name=name), "answers": answers, "doc_id": doc_id}
@@ -335,7 +335,7 @@ def policyqa(out_dir: str | Path, *, policies: tuple[int, int, int] = (14, 2, 4)
     title = the policy), questions with their answer spans. Split by policy
     (train/dev/test counts in ``policies``, seeded); at most ``max_questions`` per split,
     a seeded sample."""
-    data = json.loads(_source("legal", "policyqa", "dev.json").read_text(encoding="utf-8"))["data"]
+    data = json.loads(source_path("legal", "policyqa", "dev.json").read_text(encoding="utf-8"))["data"]
     if sum(policies) > len(data):
         raise DatasetError(f"PolicyQA has {len(data)} policies, asked for {sum(policies)}")
     order = sorted(range(len(data)), key=lambda i: data[i]["title"])
@@ -350,16 +350,16 @@ def policyqa(out_dir: str | Path, *, policies: tuple[int, int, int] = (14, 2, 4)
             policy = data[p]
             for i, paragraph in enumerate(policy["paragraphs"]):
                 doc_id = f"{policy['title']}-p{i}"
-                documents.append({"id": doc_id, "title": policy["title"], "text": _clean(paragraph["context"]),
+                documents.append({"id": doc_id, "title": policy["title"], "text": clean_text(paragraph["context"]),
                                   "split": split})
                 for qa in paragraph["qas"]:
                     answers = []
                     for answer in qa.get("answers", []):
-                        text = _clean(answer["text"])
+                        text = clean_text(answer["text"])
                         if text and text not in answers:
                             answers.append(text)
                     if answers and qa["question"].strip():
-                        questions.append({"id": qa["id"], "question": _clean(qa["question"]),
+                        questions.append({"id": qa["id"], "question": clean_text(qa["question"]),
                                           "answers": answers, "doc_id": doc_id})
         random.Random(seed * 1000 + split_number).shuffle(questions)
         splits[split] = questions[:max_questions[split_number]]

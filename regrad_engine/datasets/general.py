@@ -33,10 +33,10 @@ from regrad_engine.data import read_jsonl, write_jsonl
 from regrad_engine.datasets.converters import (
     SPLITS,
     DatasetError,
-    _clean,
-    _norm,
-    _slug,
-    _source,
+    clean_text,
+    normalized,
+    slug,
+    source_path,
     cuad_contract_text,
     cuad_items,
     shared_data_dir,
@@ -59,25 +59,25 @@ class SourceSet:
     def add_doc(self, group: str, doc_id: str, title: str, text: str) -> None:
         docs = self.docs.setdefault(group, [])
         if all(d[0] != doc_id for d in docs):
-            docs.append((doc_id, title, _clean(text)))
+            docs.append((doc_id, title, clean_text(text)))
 
     def add_question(self, group: str, qid: str, question: str, answers: Sequence[str], gold: Sequence[str]) -> None:
-        answers = [a for a in dict.fromkeys(_clean(str(a)) for a in answers) if a]
+        answers = [a for a in dict.fromkeys(clean_text(str(a)) for a in answers) if a]
         if answers and question.strip():
             self.questions.setdefault(group, []).append(
-                {"id": f"{self.name}:{qid}", "question": _clean(question), "answers": answers, "gold_docs": list(gold)})
+                {"id": f"{self.name}:{qid}", "question": clean_text(question), "answers": answers, "gold_docs": list(gold)})
 
 
 # --------------------------------------------------------------------------- readers
 def _read_squad_format(name: str, *parts: str) -> SourceSet:
     """A SQuAD-format file: one group per article (SQuAD) or policy (PolicyQA), one document
     per paragraph, answerable questions only."""
-    data = json.loads(_source(*parts).read_text(encoding="utf-8"))["data"]
+    data = json.loads(source_path(*parts).read_text(encoding="utf-8"))["data"]
     out = SourceSet(name)
     for article in data:
         group = article["title"]
         for i, paragraph in enumerate(article["paragraphs"]):
-            doc_id = f"{name}:{_slug(group)}-p{i}"
+            doc_id = f"{name}:{slug(group)}-p{i}"
             out.add_doc(group, doc_id, group.replace("_", " "), paragraph["context"])
             for qa in paragraph["qas"]:
                 if not qa.get("is_impossible"):
@@ -95,8 +95,8 @@ def read_policyqa() -> SourceSet:
 
 
 def read_pubmedqa() -> SourceSet:
-    data = json.loads(_source("medical", "pubmedqa", "ori_pqal.json").read_text(encoding="utf-8"))
-    official_test = set(json.loads(_source("medical", "pubmedqa", "test_ground_truth.json").read_text()))
+    data = json.loads(source_path("medical", "pubmedqa", "ori_pqal.json").read_text(encoding="utf-8"))
+    official_test = set(json.loads(source_path("medical", "pubmedqa", "test_ground_truth.json").read_text()))
     out = SourceSet("pubmedqa", test_groups=set())
     for pmid, item in data.items():
         doc_id = f"pubmedqa:{pmid}"
@@ -110,15 +110,15 @@ def read_pubmedqa() -> SourceSet:
 def read_popqa() -> SourceSet:
     """PopQA: the gold passage is the subject's page (it states the answer); the object's
     page (e.g. 'Politician') is shared by many questions and left out."""
-    data = json.loads(_source("general", "popqa1000", "popqa.json").read_text(encoding="utf-8"))
+    data = json.loads(source_path("general", "popqa1000", "popqa.json").read_text(encoding="utf-8"))
     out = SourceSet("popqa")
     for item in data:
         group = item["s_wiki_title"]
         gold = []
         for paragraph in item["paragraphs"]:
             if paragraph["title"] == group:
-                digest = hashlib.sha1(_clean(paragraph["text"]).encode()).hexdigest()[:8]
-                doc_id = f"popqa:{_slug(group)}-{digest}"
+                digest = hashlib.sha1(clean_text(paragraph["text"]).encode()).hexdigest()[:8]
+                doc_id = f"popqa:{slug(group)}-{digest}"
                 out.add_doc(group, doc_id, paragraph["title"], paragraph["text"])
                 gold.append(doc_id)
         out.add_question(group, str(item["id"]), item["question"], json.loads(item["possible_answers"]), gold)
@@ -128,7 +128,7 @@ def read_popqa() -> SourceSet:
 def read_hotpotqa() -> SourceSet:
     """HotpotQA (distractor setting): the 2 supporting paragraphs are gold, the other 8 stay
     in the corpus as passages; questions sharing a paragraph form one group."""
-    path = _source("general", "hotpotqa_dev500", "dev_subsampled.jsonl")
+    path = source_path("general", "hotpotqa_dev500", "dev_subsampled.jsonl")
     rows = read_jsonl(path)
     parent: dict[str, str] = {}
 
@@ -147,7 +147,7 @@ def read_hotpotqa() -> SourceSet:
         group = find(f"t:{row['contexts'][0]['title']}")
         gold = []
         for context in row["contexts"]:
-            doc_id = f"hotpotqa:{_slug(context['title'])}"
+            doc_id = f"hotpotqa:{slug(context['title'])}"
             out.add_doc(group, doc_id, context["title"], context["paragraph_text"])
             if context["is_supporting"]:
                 gold.append(doc_id)
@@ -190,20 +190,20 @@ def passages(doc_id: str, text: str, max_words: int) -> list[tuple[str, str]]:
 
 
 def _holds(text: str, answers: Sequence[str]) -> bool:
-    padded = f" {_norm(text)} "
-    return any(_norm(a) and f" {_norm(a)} " in padded for a in answers)
+    padded = f" {normalized(text)} "
+    return any(normalized(a) and f" {normalized(a)} " in padded for a in answers)
 
 
 def _overlap(question: str, candidates: list[tuple[str, str]]) -> str:
-    asked = set(_norm(question).split())
-    return max(candidates, key=lambda c: len(asked & set(_norm(c[1]).split())))[0]
+    asked = set(normalized(question).split())
+    return max(candidates, key=lambda c: len(asked & set(normalized(c[1]).split())))[0]
 
 
 def gold_passages(question: dict, pieces: dict[str, list[tuple[str, str]]], labels: bool) -> list[str]:
     """The gold passage of each gold document: the first that holds an answer, else the one
     sharing the most words with the question (a bridge paragraph, a yes/no abstract).
     Open-answer questions need at least one gold passage holding an answer, else []."""
-    labels = labels or all(_norm(a) in ("yes", "no", "maybe") for a in question["answers"])
+    labels = labels or all(normalized(a) in ("yes", "no", "maybe") for a in question["answers"])
     gold, grounded = [], labels
     for doc_id in question["gold_docs"]:
         candidates = pieces.get(doc_id, [])
@@ -285,6 +285,10 @@ def build_general(out_dir: str | Path, *, sources: Sequence[str] = SOURCES, max_
         raise DatasetError(f"unknown source {unknown[0]!r}: choose from {', '.join(SOURCES)}")
     if not 0 <= synthetic_share < 1:
         raise DatasetError(f"synthetic_share must be in [0, 1), got {synthetic_share}")
+    for name, value in (("max_words", max_words), ("test_questions", test_questions),
+                        ("dev_questions", dev_questions), ("train_questions", train_questions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DatasetError(f"{name} (--{name.replace('_', '-')}) must be a positive integer, got {value!r}")
     if not shared_data_dir().is_dir():
         raise DatasetError(f"{shared_data_dir()} not found: put the shared data beside the checkout "
                            "or set REGRAD_SHARED_DATA")
@@ -341,9 +345,9 @@ def _drop_repeated_questions(rows: dict[str, list[dict]]) -> dict[str, int]:
     for split in ("test", "dev", "train"):
         before = len(rows[split])
         if split != "test":
-            rows[split] = [r for r in rows[split] if _norm(r["question"]) not in later]
+            rows[split] = [r for r in rows[split] if normalized(r["question"]) not in later]
         dropped[split] = before - len(rows[split])
-        later |= {_norm(r["question"]) for r in rows[split]}
+        later |= {normalized(r["question"]) for r in rows[split]}
     return dropped
 
 

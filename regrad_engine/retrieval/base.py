@@ -139,8 +139,9 @@ def backend(kind: str) -> type:
         if kind not in _BACKENDS and isinstance(kind, str) and kind.isidentifier():
             try:
                 importlib.import_module(f"{__package__}.{kind}")
-            except ModuleNotFoundError:
-                pass
+            except ModuleNotFoundError as err:
+                if err.name != f"{__package__}.{kind}":
+                    raise  # the backend exists but lacks one of its own dependencies: say which
     if kind not in _BACKENDS:
         raise RetrievalError(f"no retriever backend {kind!r}: the built-in ones are bm25 and elasticsearch; "
                              f"install the package that provides it (entry point group {ENTRY_POINT_GROUP!r})")

@@ -27,6 +27,7 @@ from typing import Any
 import bm25s
 import numpy as np
 
+from regrad_engine.errors import UnknownDocumentError
 from regrad_engine.files import atomic_write
 from regrad_engine.retrieval.base import (
     Hit,
@@ -206,7 +207,7 @@ class BM25Index:
         matrix is rebuilt at the next search and persisted by :meth:`save`.
 
         Args:
-            docs: :class:`~regrad_engine.chunking.Chunk` objects, :class:`Hit`
+            docs: :class:`~regrad_engine.data.Chunk` objects, :class:`Hit`
                 objects, or dicts with ``id``, ``text`` and optional
                 ``metadata`` (other keys are merged into metadata).
 
@@ -245,10 +246,10 @@ class BM25Index:
         """Return the stored document ``doc_id`` as a :class:`Hit` with score 0.0.
 
         Raises:
-            KeyError: If there is no such document.
+            UnknownDocumentError: If there is no such document (a KeyError).
         """
         if doc_id not in self._docs:
-            raise KeyError(f"no document {doc_id!r} in the index at {self.path}")
+            raise UnknownDocumentError(f"no document {doc_id!r} in the index at {self.path}")
         text, meta = self._docs[doc_id]
         return Hit(doc_id, text, 0.0, dict(meta))
 
@@ -272,8 +273,12 @@ class BM25Index:
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any], directory: Path) -> BM25Index:
-        """The store's index in ``directory`` (created empty if there is none yet)."""
-        return cls.open_or_create(directory)
+        """The store's index in ``directory``.
+
+        Raises:
+            RetrievalError: There is none (it is never recreated empty: that would hide the loss).
+        """
+        return cls.open(directory)
 
     def __repr__(self) -> str:
         return f"BM25Index({str(self.path)!r}, docs={len(self)}, stale={self._stale})"

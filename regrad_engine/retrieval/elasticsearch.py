@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from regrad_engine.data import Chunk
+from regrad_engine.errors import UnknownDocumentError
 from regrad_engine.retrieval.base import (
     Hit,
     RetrievalError,
@@ -466,7 +467,7 @@ class ElasticsearchIndex:
                         raise
                     raw = None
         if raw is None:
-            raise KeyError(f"no document {doc_id!r} in Elasticsearch index {self.index} at {self.url}")
+            raise UnknownDocumentError(f"no document {doc_id!r} in Elasticsearch index {self.index} at {self.url}")
         return self._hit({**raw, "_score": 0.0})
 
     def __contains__(self, doc_id: object) -> bool:

@@ -59,7 +59,7 @@ def test_short_doc_is_one_chunk_with_doc_id(tokenizer):
     assert chunks == [Chunk(id="a", text=SENTENCES[0], source_id="a", index=0, metadata={"title": "Fox"})]
 
 
-@pytest.mark.parametrize("max_tokens,overlap", [(20, 0), (7, 0), (16, 4)])
+@pytest.mark.parametrize("max_tokens,overlap", [(20, 0), (8, 0), (16, 4)])
 def test_long_doc_is_split_within_budget(tokenizer, max_tokens, overlap):
     doc = {"id": "long", "text": LONG_TEXT, "title": "T", "url": "u"}
     chunks = chunk_documents([doc], tokenizer, max_tokens=max_tokens, overlap=overlap)
@@ -116,7 +116,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="max_tokens"):
         chunk_documents([{"id": "a", "text": "x"}], _word_level(), max_tokens=0)
     with pytest.raises(ValueError, match="overlap"):
-        chunk_documents([{"id": "a", "text": "x"}], _word_level(), max_tokens=4, overlap=4)
+        chunk_documents([{"id": "a", "text": "x"}], _word_level(), max_tokens=8, overlap=8)
 
 
 def test_chunk_source():
@@ -183,3 +183,12 @@ def test_read_corpus_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(CorpusError, match="no .jsonl, .json or .txt files"):
         read_corpus(empty)
+
+
+def test_no_chunk_is_shorter_than_two_tokens(tokenizer):
+    from regrad_engine.chunking import _count_tokens
+
+    text = " ".join(["word"] * 200) + " end"
+    for max_tokens in (8, 16, 200):
+        pieces = chunk_documents([{"id": "d", "text": text}], tokenizer, max_tokens=max_tokens)
+        assert all(2 <= _count_tokens(tokenizer, c.text) <= max_tokens for c in pieces), max_tokens

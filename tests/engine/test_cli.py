@@ -64,11 +64,26 @@ def test_eval_prints_the_table(workspace, capsys):
     (["train", "--data", "{root}/data", "--out", "{root}/m3", "--steps", "1", "--lora-target-modules", "nope"],
      "no nn.Linear"),
     (["train", "--data", "{root}/data", "--out", "{root}/m2", "--steps", "0"], "steps"),
+    (["train", "--data", "{root}/data", "--out", "{root}/m2", "--lr", "inf"], "lr"),
+    (["train", "--config", "{root}/list.json"], "JSON object"),
+    (["ask", "--store", "{root}/store", "--model", "{root}/tiny", "--threads", "-1", "Who?"], "--threads must be"),
+    (["ask", "--store", "{root}/store", "--model", "{root}/tiny", "--device", "bogus", "Who?"], "not a torch device"),
+    (["build", "--corpus", "{root}/data/corpus.jsonl", "--meta", "{root}/meta/best", "--store", "{root}/s3",
+      "--batch-size", "0"], "--batch-size must be"),
+    (["build", "--corpus", "{root}/short.jsonl", "--meta", "{root}/meta/best", "--store", "{root}/s4"],
+     "shorter than 2 tokens"),
+    (["build", "--corpus", "{root}/data/corpus.jsonl", "--meta", "{root}/meta/best", "--store", "{root}/s5",
+      "--chunk-tokens", "1"], "(--chunk-tokens) must be >= 8"),
+    (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--limit", "0"], "--limit must be"),
+    (["synth", "--out", "{root}/x", "--entities", "0"], "--entities must be"),
+    (["data", "--out", "{root}/x", "--max-words", "0"], "max_words"),
 ])
 def test_user_mistakes_get_a_message_not_a_traceback(workspace, capsys, argv, message):
     root, tiny = workspace
+    (root / "list.json").write_text("[1, 2]")
+    (root / "short.jsonl").write_text('{"id": "a", "text": "a"}\n')
     argv = [a.format(root=root) for a in argv]
-    extra = [] if "--model" in argv or argv[0] in ("delete", "merge") else tiny
+    extra = [] if "--model" in argv or argv[0] in ("delete", "merge", "synth", "data") else tiny
     assert main([*argv, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -89,3 +104,15 @@ def test_train_flags_come_from_the_config_fields():
     for name in MetaTrainConfig.model_fields:  # every field has its flag
         if name != "lora":
             assert "--" + name.replace("_", "-") in help_text, name
+
+
+def test_config_file_and_flags_merge_field_by_field(tmp_path):
+    from regrad_engine.config import MetaTrainConfig, load_config
+
+    (tmp_path / "c.json").write_text(json.dumps({"data": "d", "out": "o", "lora": {"layers": [20, 21], "r": 4}}))
+    cfg = load_config(MetaTrainConfig, str(tmp_path / "c.json"), {"lora": {"r": 8, "lora_alpha": 0.5}})
+    assert cfg.lora.layers == [20, 21] and cfg.lora.r == 8 and cfg.lora.lora_alpha == 0.5
+    from regrad_engine.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--lora-target-modules", "gate_proj, up_proj"])
+    assert args.__dict__["lora.target_modules"] == ["gate_proj", "up_proj"]

@@ -18,7 +18,7 @@ def _read(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _norm(text):
+def normalized(text):
     return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
@@ -45,8 +45,8 @@ def test_no_test_passage_or_question_reaches_training(mix):
             assert {corpus[d]["split"] for d in row["gold_ids"] + row["distractor_ids"]} == {split}
     test_texts = {d["text"] for d in corpus.values() if d["split"] == "test"}
     assert not test_texts & {d["text"] for d in corpus.values() if d["split"] != "test"}
-    test_questions = {_norm(r["question"]) for r in rows["test"]}
-    assert not test_questions & {_norm(r["question"]) for s in ("train", "dev") for r in rows[s]}
+    test_questions = {normalized(r["question"]) for r in rows["test"]}
+    assert not test_questions & {normalized(r["question"]) for s in ("train", "dev") for r in rows[s]}
     # whole groups: no SQuAD article, PolicyQA policy or CUAD contract is in two splits
     for source in ("squad", "policyqa", "cuad"):
         titles = {s: {d["title"] for d in corpus.values() if d["source"] == source and d["split"] == s} for s in SPLITS}
@@ -56,11 +56,11 @@ def test_no_test_passage_or_question_reaches_training(mix):
 def test_gold_passages_hold_the_answer_and_distractors_do_not(mix):
     _, _, corpus, rows = mix
     for row in rows["test"]:
-        if row["source"] == "pubmedqa" or {_norm(a) for a in row["answers"]} <= {"yes", "no"}:
+        if row["source"] == "pubmedqa" or {normalized(a) for a in row["answers"]} <= {"yes", "no"}:
             continue
-        answers = [f" {_norm(a)} " for a in row["answers"]]
-        assert any(a in f" {_norm(corpus[g]['text'])} " for g in row["gold_ids"] for a in answers), row["id"]
-        assert not any(a in f" {_norm(corpus[d]['text'])} " for d in row["distractor_ids"] for a in answers)
+        answers = [f" {normalized(a)} " for a in row["answers"]]
+        assert any(a in f" {normalized(corpus[g]['text'])} " for g in row["gold_ids"] for a in answers), row["id"]
+        assert not any(a in f" {normalized(corpus[d]['text'])} " for d in row["distractor_ids"] for a in answers)
         assert len(row["distractor_ids"]) >= 2
 
 

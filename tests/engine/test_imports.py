@@ -20,8 +20,8 @@ EXPECTED = [
     "BM25Index", "ElasticsearchIndex", "DocumentIndex", "Retriever", "Hit",
     "MetaTrainer", "MetaTrainConfig", "MetaExample", "meta_examples", "MetaCheckpoint",
     "load_model", "LoadedModel", "DEFAULT_MODEL",
-    "RegradError", "RequestError", "ConfigError", "DataError", "RetrievalError", "BankError", "CheckpointError",
-    "ModelLoadError",
+    "RegradError", "RequestError", "ConfigError", "DataError", "RetrievalError", "BankError", "BankCorruptError",
+    "BankLockedError", "StoreError", "CheckpointError", "ModelLoadError",
 ]
 
 

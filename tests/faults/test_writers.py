@@ -78,7 +78,7 @@ def test_two_builds_at_once_the_second_stops_with_a_message(store, tmp_path, cap
 
     monkeypatch.setattr(cli, "_load", lambda *a, **k: model)
     with GradientBank.open(root / "bank") as running:  # another build is writing
-        running._writing()
+        running.begin_writing()
         corpus = write_corpus(tmp_path / "c.jsonl")
         code = main(["build", "--corpus", str(corpus), "--meta", str(meta), "--store", str(root),
                      "--chunk-tokens", "32", "--storage-dtype", "fp32"])
