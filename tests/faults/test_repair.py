@@ -116,3 +116,18 @@ def test_delete_after_a_half_done_delete_still_works(store):
     assert "doc0" in Store.open(root).index().ids()
     assert Store.open(root).delete(["doc0"], compact=True) == 1
     assert "doc0" not in Store.open(root).index().ids() and GradientBank.verify(root / "bank").ok
+
+
+def test_a_missing_index_is_an_error_and_repair_keeps_the_bank(store, capsys):
+    import shutil
+
+    from regrad_engine.errors import RetrievalError
+
+    model, _, root = store
+    shutil.rmtree(root / "index")
+    with pytest.raises(RetrievalError, match="no BM25 index"):
+        open_engine(root, model=model)
+    assert main(["verify", "--store", str(root), "--repair"]) == 2
+    assert "no BM25 index" in capsys.readouterr().err
+    assert len(GradientBank.open(root / "bank")) == len(DOCS)  # nothing taken for an orphan
+    assert not (root / "index").exists()  # and no empty index made up in its place
