@@ -17,6 +17,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -170,7 +171,9 @@ class MetaTrainer:
         info = json.loads((directory / "trainer_state.json").read_text())
         self.step, self.best, self.history = info["step"], info["best"], info["history"]
         self.scheduler.last_epoch = self.step - 1
-        self.scheduler.step()
+        with warnings.catch_warnings():  # this restores the schedule after a resume; no optimizer step is skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
 
     # -------------------------------------------------------------- training
     def _loss(self, tasks: Sequence[MetaExample], create_graph: bool = True) -> Tensor:
