@@ -93,8 +93,10 @@ class ReGrad:
         self._stop_ids = turn_marker_ids(tokenizer)  # an answer ends at any turn marker
         self._warned_missing = False
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self._context = context if isinstance(context, int) else None
+        self._fixed_limit = max_prompt_tokens is not None
         self.max_prompt_tokens = (check_k(max_prompt_tokens, "max_prompt_tokens") if max_prompt_tokens is not None
-                                  else context - max_new_tokens if isinstance(context, int) else None)
+                                  else self._context - max_new_tokens if self._context is not None else None)
 
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
@@ -184,14 +186,18 @@ class ReGrad:
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
-    def check_prompts(self, messages: Sequence[str]) -> None:
-        """Refuse, before any work, a prompt longer than ``max_prompt_tokens`` tokens."""
-        if self.max_prompt_tokens is None:
+    def check_prompts(self, messages: Sequence[str], max_new_tokens: int | None = None) -> None:
+        """Refuse, before any work, a prompt longer than ``max_prompt_tokens`` tokens (by default
+        the model's context minus this request's ``max_new_tokens``)."""
+        limit = self.max_prompt_tokens
+        if limit is not None and max_new_tokens is not None and self._context is not None and not self._fixed_limit:
+            limit = self._context - check_k(max_new_tokens, "max_new_tokens")
+        if limit is None:
             return
         for message in messages:
             length = len(self.tokenizer(message_prompt(self.tokenizer, message), add_special_tokens=False)["input_ids"])
-            if length > self.max_prompt_tokens:
-                raise RequestError(f"the prompt is {length} tokens; this engine reads at most {self.max_prompt_tokens} "
+            if length > limit:
+                raise RequestError(f"the prompt is {length} tokens; this engine reads at most {limit} "
                                    "(the model's context minus the answer): shorten the question, or use fewer or "
                                    "shorter passages")
 
@@ -227,15 +233,16 @@ class ReGrad:
             documents = self.retrieve(questions, k)
         elif len(documents) != len(questions):
             raise RequestError(f"got {len(documents)} document lists for {len(questions)} questions")
+        documents = [list(d) for d in documents]
+        messages = [user_message(q, [h.text for h in d] if mode == "hybrid" else None) for q, d in zip(questions, documents)]
+        self.check_prompts(messages, generate_kwargs.get("max_new_tokens"))  # every prompt, before any generation
         answers: list[Answer] = []
         for start in range(0, len(questions), self.batch_size):
-            qs = list(questions[start:start + self.batch_size])
-            docs = [list(d) for d in documents[start:start + self.batch_size]]
-            messages = [user_message(q, [h.text for h in d] if mode == "hybrid" else None) for q, d in zip(qs, docs)]
-            self.check_prompts(messages)
+            docs = documents[start:start + self.batch_size]
             factors = self.adapted_factors(docs, gamma) if use_gradients else self.phi
-            texts = self.generate_messages(messages, factors, **generate_kwargs)
-            answers += [Answer(q, t, mode, d, gamma) for q, t, d in zip(qs, texts, docs)]
+            texts = self.generate_messages(messages[start:start + self.batch_size], factors, **generate_kwargs)
+            batch_questions = questions[start:start + self.batch_size]
+            answers += [Answer(q, t, mode, d, gamma) for q, t, d in zip(batch_questions, texts, docs)]
         return answers
 
     def complete_batch(self, messages: Sequence[str], documents: Sequence[Sequence[Hit]], *,
@@ -248,7 +255,7 @@ class ReGrad:
         messages = check_texts(messages, "prompt")
         if len(documents) != len(messages):
             raise RequestError(f"got {len(documents)} document lists for {len(messages)} prompts")
-        self.check_prompts(messages)
+        self.check_prompts(messages, generate_kwargs.get("max_new_tokens"))
         texts: list[str] = []
         for start in range(0, len(messages), self.batch_size):
             docs = [list(d) for d in documents[start:start + self.batch_size]]
@@ -278,7 +285,7 @@ class ReGrad:
 
         gamma = self._defaults(None, None, gamma)[2]
         check_texts([message], "prompt")
-        self.check_prompts([message])
+        self.check_prompts([message], generate_kwargs.get("max_new_tokens"))
         factors = self.adapted_factors([list(documents)], gamma)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []

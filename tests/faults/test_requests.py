@@ -52,3 +52,20 @@ def test_no_matching_document_is_said_not_hidden(store, capsys, monkeypatch):
         assert main(["ask", "--store", str(root), "--model", "tiny", flag, value, "Who?"]) == 2
         err = capsys.readouterr().err
         assert "must be" in err and "Traceback" not in err
+
+
+def test_the_limit_counts_this_requests_answer_length_and_every_prompt_before_generating(store, monkeypatch):
+    model, _, root = store
+    engine = open_engine(root, model=model, batch_size=1)
+    question = "Where was Velmora Quistan born? " * 20
+    assert engine.answer(question, max_new_tokens=4).text is not None
+    with pytest.raises(RequestError, match="reads at most"):  # an 8,100-token answer leaves no room for it
+        engine.answer(question, max_new_tokens=8100)
+    limited = open_engine(root, model=model, batch_size=1, max_prompt_tokens=60)
+    generated = []
+    real = limited.generate_messages
+    monkeypatch.setattr(limited, "generate_messages", lambda *a, **k: generated.append(a) or real(*a, **k))
+    with pytest.raises(RequestError, match="fewer or shorter passages"):
+        limited.answer_batch(["Who?", "Who plays the violin?"], mode="hybrid", k=2,
+                             documents=[[], [h for h in limited.retrieve(["violin cello"], 2)[0]]])
+    assert generated == []  # the second prompt was refused before the first was generated
