@@ -200,6 +200,11 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+def _writer_lock(path: Path, worker: int | None) -> WriterLock:
+    """The lock of the main manifest (``worker=None``) or of one build worker's manifest."""
+    return WriterLock(path / (".writer.lock" if worker is None else f".writer.w{worker:03d}.lock"))
+
+
 def _take(lock: WriterLock, path: Path) -> None:
     try:
         lock.acquire()
@@ -268,7 +273,7 @@ class GradientBank:
         self._shard_prefix = "shard-m" if num_workers == 1 else f"shard-w{worker:03d}"
         self._next_seq = 0
         self._last_flush = time.monotonic()
-        self._lock = WriterLock(path / f".writer{'' if num_workers == 1 else f'.w{worker:03d}'}.lock")
+        self._lock = _writer_lock(path, None if num_workers == 1 else worker)
         self._strict = strict
         self._load(meta, base)
 
@@ -344,7 +349,7 @@ class GradientBank:
                     shapes={k: list(v) for k, v in shapes.items()}, storage_dtype=dtype, shard_size=shard_size,
                     worker=worker, num_workers=num_workers, shards=[], deleted=[],
                     library_version=_library_version())
-        lock = WriterLock(path / f".writer{'' if num_workers == 1 else f'.w{worker:03d}'}.lock")
+        lock = _writer_lock(path, None if num_workers == 1 else worker)
         _take(lock, path)
         try:
             if (path / name).exists():  # another writer created it while we were getting here
@@ -653,8 +658,15 @@ class GradientBank:
     # ---------------------------------------------------------------- reading
     def _read_entry(self, doc_id: str) -> dict[str, torch.Tensor]:
         """One document's tensors in the storage dtype ``{key: (*shape)}``, checksum- and value-checked."""
+        entry, problem = self._load_entry(doc_id)
+        if problem:
+            raise BankCorruptError(f"{problem}: {_REPAIR}")
+        return entry
+
+    def _load_entry(self, doc_id: str) -> tuple[dict[str, torch.Tensor], str | None]:
+        """(entry, None), or (partial entry, what is wrong with it) for a damaged one."""
         if doc_id in self._pending:
-            return self._pending[doc_id][0]
+            return self._pending[doc_id][0], None
         loc = self._index.get(doc_id)
         if loc is None:
             raise UnknownDocumentError(f"unknown document id {doc_id!r}: it is not in the bank at {self.path} "
@@ -666,15 +678,14 @@ class GradientBank:
         try:
             entry = {k: handle.get_slice(k)[row] for k in self.shapes}
         except Exception as exc:  # a damaged file: safetensors' own error types
-            raise BankCorruptError(f"cannot read the gradient of {doc_id!r} from {self.path / file} ({exc}): "
-                                   f"{_REPAIR}") from None
+            return {}, f"cannot read the gradient of {doc_id!r} from {self.path / file} ({exc})"
         sums = self._by_file[file].get("sums")
         if sums is not None and entry_checksum(entry) != sums[row]:
-            raise BankCorruptError(f"the gradient of {doc_id!r} in {self.path / file} does not match its checksum "
-                                   f"(the file was changed on disk): {_REPAIR}")
+            return entry, (f"the gradient of {doc_id!r} in {self.path / file} does not match its checksum "
+                           "(the file was changed on disk)")
         if not all(bool(torch.isfinite(t).all()) for t in entry.values()):
-            raise BankCorruptError(f"the gradient of {doc_id!r} in {self.path / file} holds NaN/Inf: {_REPAIR}")
-        return entry
+            return entry, f"the gradient of {doc_id!r} in {self.path / file} holds NaN/Inf"
+        return entry, None
 
     def get(self, doc_id: str) -> dict[str, torch.Tensor]:
         """One document's gradient as float32 tensors ``{key: (*shape)}``."""
@@ -723,10 +734,9 @@ class GradientBank:
             lost = {i for s in bank._shards if s["file"] in report.damaged_shards for i in s["ids"]}
             for doc_id in list(bank._index):
                 report.entries_checked += 1
-                try:
-                    bank._read_entry(doc_id)
-                except BankCorruptError as exc:
-                    report.damaged[doc_id] = str(exc).split(": run `regrad verify")[0]
+                problem = bank._load_entry(doc_id)[1]
+                if problem:
+                    report.damaged[doc_id] = problem
             listed = {s["file"] for s in bank._base_shards + bank._shards}
             if not bank._worker_manifests(bank.path):  # every shard file belongs to this manifest
                 report.stray_files = sorted(p.name for p in bank.path.glob("shard-*.safetensors") if p.name not in listed)
@@ -762,7 +772,7 @@ class GradientBank:
         found = cls._worker_manifests(path)
         if not found:
             return cls.open(path)
-        locks = [WriterLock(path / ".writer.lock")] + [WriterLock(path / f".writer.w{w:03d}.lock") for w in sorted(found)]
+        locks = [_writer_lock(path, None)] + [_writer_lock(path, w) for w in sorted(found)]
         try:
             for lock in locks:  # the bank's writer and every worker must be done
                 _take(lock, path)

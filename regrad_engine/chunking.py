@@ -77,9 +77,9 @@ def _offsets(tokenizer: Any, text: str) -> list:
     return [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _chunk_texts(text: str, tokenizer: Any, max_tokens: int, overlap: int) -> list[str]:
-    """Cut ``text`` into pieces that each re-tokenize to at most ``max_tokens`` tokens."""
-    offsets = _offsets(tokenizer, text)
+def _chunk_texts(text: str, offsets: list, tokenizer: Any, max_tokens: int, overlap: int) -> list[str]:
+    """Cut ``text`` (its token ``offsets`` given) into pieces that each re-tokenize to at most
+    ``max_tokens`` tokens."""
     if len(offsets) <= max_tokens:
         return [text]
     pieces = []
@@ -147,10 +147,11 @@ def chunk_documents(
         if doc_id in seen_docs:
             raise CorpusError(f"document #{n}: duplicate id {doc_id!r}; document ids must be unique")
         seen_docs.add(doc_id)
-        if _count_tokens(tokenizer, text) < 2:
+        offsets = _offsets(tokenizer, text)
+        if len(offsets) < 2:
             too_short.append((n, doc_id))
             continue
-        pieces = _chunk_texts(text, tokenizer, max_tokens, overlap)
+        pieces = _chunk_texts(text, offsets, tokenizer, max_tokens, overlap)
         for i, piece in enumerate(pieces):
             cid = doc_id if len(pieces) == 1 else f"{doc_id}#{i}"
             if cid in seen_chunks:

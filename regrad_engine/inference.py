@@ -94,9 +94,7 @@ class ReGrad:
         self._warned_missing = False
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self._context = context if isinstance(context, int) else None
-        self._fixed_limit = max_prompt_tokens is not None
-        self.max_prompt_tokens = (check_k(max_prompt_tokens, "max_prompt_tokens") if max_prompt_tokens is not None
-                                  else self._context - max_new_tokens if self._context is not None else None)
+        self._prompt_limit = None if max_prompt_tokens is None else check_k(max_prompt_tokens, "max_prompt_tokens")
 
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
@@ -186,12 +184,22 @@ class ReGrad:
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """Longest prompt accepted with the default answer length (None: no limit known)."""
+        return self.prompt_limit()
+
+    def prompt_limit(self, max_new_tokens: int | None = None) -> int | None:
+        """Longest prompt for an answer of ``max_new_tokens`` (default: the engine's): the
+        ``max_prompt_tokens`` given, else the model's context minus the answer."""
+        if self._prompt_limit is not None or self._context is None:
+            return self._prompt_limit
+        return self._context - (self.max_new_tokens if max_new_tokens is None else check_k(max_new_tokens,
+                                                                                          "max_new_tokens"))
+
     def check_prompts(self, messages: Sequence[str], max_new_tokens: int | None = None) -> None:
-        """Refuse, before any work, a prompt longer than ``max_prompt_tokens`` tokens (by default
-        the model's context minus this request's ``max_new_tokens``)."""
-        limit = self.max_prompt_tokens
-        if limit is not None and max_new_tokens is not None and self._context is not None and not self._fixed_limit:
-            limit = self._context - check_k(max_new_tokens, "max_new_tokens")
+        """Refuse, before any work, a prompt longer than :meth:`prompt_limit` tokens."""
+        limit = self.prompt_limit(max_new_tokens)
         if limit is None:
             return
         for message in messages:
@@ -228,14 +236,16 @@ class ReGrad:
         """
         mode, k, gamma = self._defaults(mode, k, gamma)
         questions = check_texts(questions)
-        self.check_prompts([user_message(q) for q in questions])  # before retrieval: a too long question fails fast
-        if documents is None:
+        max_new, retrieving = generate_kwargs.get("max_new_tokens"), documents is None
+        if retrieving:
+            self.check_prompts([user_message(q) for q in questions], max_new)  # a too long question fails fast
             documents = self.retrieve(questions, k)
         elif len(documents) != len(questions):
             raise RequestError(f"got {len(documents)} document lists for {len(questions)} questions")
         documents = [list(d) for d in documents]
         messages = [user_message(q, [h.text for h in d] if mode == "hybrid" else None) for q, d in zip(questions, documents)]
-        self.check_prompts(messages, generate_kwargs.get("max_new_tokens"))  # every prompt, before any generation
+        if mode == "hybrid" or not retrieving:  # (parametric prompts were the ones checked above)
+            self.check_prompts(messages, max_new)  # every prompt, before any generation
         answers: list[Answer] = []
         for start in range(0, len(questions), self.batch_size):
             docs = documents[start:start + self.batch_size]
@@ -251,7 +261,7 @@ class ReGrad:
         """Generate from ready user messages (e.g. a framework's rendered prompt), each with
         the gradients of its own documents; the passages are only in the prompt if the
         caller put them there. Used by the LangChain / LlamaIndex adapters."""
-        gamma = self._defaults(None, None, gamma)[2]
+        gamma = check_gamma(self.gamma if gamma is None else gamma)
         messages = check_texts(messages, "prompt")
         if len(documents) != len(messages):
             raise RequestError(f"got {len(documents)} document lists for {len(messages)} prompts")
@@ -271,21 +281,29 @@ class ReGrad:
     def stream(self, question: str, *, mode: str | None = None, k: int | None = None, gamma: float | None = None,
                documents: Sequence[Hit] | None = None, **generate_kwargs) -> Iterator[str]:
         """Yield answer text pieces as they are generated (one request)."""
-        mode, k, _ = self._defaults(mode, k, gamma)
+        mode, k, gamma = self._defaults(mode, k, gamma)
         check_texts([question])
-        self.check_prompts([user_message(question)])
+        max_new, retrieving = generate_kwargs.get("max_new_tokens"), documents is None
+        if retrieving:
+            self.check_prompts([user_message(question)], max_new)  # a too long question fails fast
         docs = list(documents) if documents is not None else self.retrieve([question], k)[0]
         message = user_message(question, [h.text for h in docs] if mode == "hybrid" else None)
-        yield from self.stream_message(message, docs, gamma=gamma, **generate_kwargs)
+        if mode == "hybrid" or not retrieving:
+            self.check_prompts([message], max_new)
+        yield from self._stream(message, docs, gamma, **generate_kwargs)
 
     def stream_message(self, message: str, documents: Sequence[Hit], *, gamma: float | None = None,
                        **generate_kwargs) -> Iterator[str]:
         """Stream the answer to a ready user message with its documents' gradients applied."""
-        from transformers import TextIteratorStreamer
-
-        gamma = self._defaults(None, None, gamma)[2]
         check_texts([message], "prompt")
         self.check_prompts([message], generate_kwargs.get("max_new_tokens"))
+        yield from self._stream(message, documents, check_gamma(self.gamma if gamma is None else gamma),
+                                **generate_kwargs)
+
+    def _stream(self, message: str, documents: Sequence[Hit], gamma: float, **generate_kwargs) -> Iterator[str]:
+        """Generation in a worker thread, pieces yielded here (message and arguments checked)."""
+        from transformers import TextIteratorStreamer
+
         factors = self.adapted_factors([list(documents)], gamma)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []

@@ -352,7 +352,7 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
     space = LoraSpace.attach(model.model, checkpoint.lora)
     with opened.bank(opened.binding(model, checkpoint), shapes=space.shapes, storage_dtype=storage_dtype,
                      worker=worker, num_workers=num_workers, shard_size=flush_every) as bank:
-        bank.shard_size, bank.flush_seconds = flush_every, flush_seconds
+        bank.flush_seconds = flush_seconds
         stats = add_gradients(model.model, model.tokenizer, space, checkpoint.phi, chunks, bank,
                               doc_max_tokens=doc_max_tokens, batch_size=batch_size, overwrite=overwrite,
                               worker=worker, num_workers=num_workers, progress=progress)
