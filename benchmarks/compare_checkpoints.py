@@ -19,11 +19,14 @@ def main() -> None:
     parser.add_argument("--names", nargs=2, default=["A", "B"])
     args = parser.parse_args()
     reports = [json.load(open(path))["report"] for path in (args.a, args.b)]
-    print("| set | metric | " + " | ".join(f"{s} {n}" for s in SYSTEMS for n in args.names) + " |")
-    print("|---|---|" + "---|" * (2 * len(SYSTEMS)))
+    print("| set | metric | majority label (its share) | " + " | ".join(f"{s} {n}" for s in SYSTEMS for n in args.names)
+          + " |")
+    print("|---|---|---|" + "---|" * (2 * len(SYSTEMS)))
     for name in reports[0]:
         metric = "exact_match" if name == "pubmedqa" else "f1"
-        cells = [f"{r[name]['systems'][s][metric]['mean']:.3f}" for s in SYSTEMS for r in reports]
+        majority = reports[0][name]["systems"]["majority"][metric]["mean"]  # the same data: the same for both
+        cells = [f"{majority:.3f} ({reports[0][name]['majority_share']:.2f})"]
+        cells += [f"{r[name]['systems'][s][metric]['mean']:.3f}" for s in SYSTEMS for r in reports]
         print(f"| {name} | {'EM' if metric == 'exact_match' else 'F1'} | " + " | ".join(cells) + " |")
 
 
