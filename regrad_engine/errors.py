@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -84,6 +84,9 @@ MODES: tuple[str, ...] = ("parametric", "hybrid")
 MAX_GAMMA = 1e3  # a test-time step scale beyond this only ever yields garbage
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def check_mode(mode: Any, allowed: tuple[str, ...] = MODES) -> str:
     """``mode`` itself if it is one of ``allowed`` (``"parametric"`` or ``"hybrid"``)."""
     if not isinstance(mode, str) or mode not in allowed:
@@ -116,6 +119,28 @@ def check_texts(texts: Any, what: str = "question") -> list[str]:
             raise RequestError(f"the {what} is empty: ask something" if isinstance(text, str)
                                else f"every {what} must be a string, got {type(text).__name__}")
     return list(texts)
+
+
+def check_conversations(conversations: Any, what: str = "prompt") -> list:
+    """``conversations`` as a list: each a non-blank string (one user turn) or a non-empty
+    list of ``{"role": ..., "content": str}`` turns with a known role, not all blank."""
+    if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence):
+        raise RequestError(f"pass a list of {what}s, not {type(conversations).__name__} (e.g. [{what!r}])")
+    for conversation in conversations:
+        if isinstance(conversation, str):
+            check_texts([conversation], what)
+            continue
+        if isinstance(conversation, bytes) or not isinstance(conversation, Sequence) or not conversation:
+            raise RequestError(f"every {what} must be a string or a non-empty list of chat turns "
+                               f"({{'role': 'user', 'content': '...'}}), got {type(conversation).__name__}")
+        for turn in conversation:
+            if not isinstance(turn, Mapping) or not isinstance(turn.get("content"), str):
+                raise RequestError(f"a chat turn must be a mapping with a string 'content', got {turn!r:.80}")
+            if turn.get("role") not in CHAT_ROLES:
+                raise RequestError(f"a chat turn's role must be one of {', '.join(CHAT_ROLES)}, got {turn.get('role')!r}")
+        if not any(turn["content"].strip() for turn in conversation):
+            raise RequestError(f"the {what} is empty: every turn is blank")
+    return list(conversations)
 
 
 def check_request(questions: Any, *, mode: Any = "parametric", k: Any = 1, gamma: Any = 1.0,

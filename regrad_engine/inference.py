@@ -7,6 +7,7 @@ written, so requests can run concurrently and batched, each with its own documen
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.errors import (
     BankError,
     RequestError,
+    check_conversations,
     check_gamma,
     check_k,
     check_mode,
@@ -30,6 +32,7 @@ from regrad_engine.errors import (
 from regrad_engine.gradients import document_gradients
 from regrad_engine.lora import LoraSpace, Phi, apply_update
 from regrad_engine.prompts import (
+    Conversation,
     encode_documents,
     encode_messages,
     message_prompt,
@@ -52,6 +55,38 @@ class Answer:
     mode: str
     sources: list[Hit] = field(default_factory=list)
     gamma: float = 1.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Generated text of one prompt, with its token counts.
+
+    ``finish_reason`` is ``"stop"`` when the answer ended at a turn marker or eos, and
+    ``"length"`` when it reached its ``max_new_tokens``.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class TextStream(Iterator[str]):
+    """Answer pieces of one request as they are generated. Once they are exhausted,
+    ``completion`` holds the whole text and its token counts (None until then)."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self._pieces = pieces
+        self.completion: Completion | None = None
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop reading: generation stops at its next step."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
 
 
 class ReGrad:
@@ -161,9 +196,16 @@ class ReGrad:
         except BankError as err:
             logger.warning("not storing %d on-the-fly gradients: %s", len(computed), err)
 
-    def adapted_factors(self, hits_lists: Sequence[Sequence[Hit]], gamma: float) -> Phi:
-        """phi' per request: (b, *shape)."""
-        return apply_update(self.phi, self.gradient_sums(hits_lists), self.alpha, gamma)
+    def adapted_factors(self, hits_lists: Sequence[Sequence[Hit]], gamma: float | Sequence[float]) -> Phi:
+        """phi' per request: (b, *shape). ``gamma`` is one step scale, or one per request."""
+        sums = self.gradient_sums(hits_lists)
+        if isinstance(gamma, (int, float)):
+            return apply_update(self.phi, sums, self.alpha, gamma)
+        if len(gamma) != len(hits_lists):
+            raise RequestError(f"got {len(gamma)} gammas for {len(hits_lists)} requests")
+        scale = torch.tensor([check_gamma(g) for g in gamma], dtype=torch.float32, device=self.device)
+        sums = {k: v * scale.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in sums.items()}
+        return apply_update(self.phi, sums, self.alpha, 1.0)
 
     # ------------------------------------------------------------ generation
     def generate(self, questions: Sequence[str], passages: Sequence[Sequence[str] | None] | None,
@@ -172,17 +214,41 @@ class ReGrad:
         messages = [user_message(q, passages[i] if passages else None) for i, q in enumerate(questions)]
         return self.generate_messages(messages, factors, **generate_kwargs)
 
-    def generate_messages(self, messages: Sequence[str], factors: Mapping[str, Tensor] | None, *,
+    def generate_messages(self, messages: Sequence[Conversation], factors: Mapping[str, Tensor] | None, *,
                           max_new_tokens: int | None = None, **generate_kwargs) -> list[str]:
-        """Generate from ready user messages (wrapped in the chat template), batched."""
+        """Generate from ready user messages or conversations (wrapped in the chat template), batched."""
+        return [c.text for c in self._generate(messages, factors, max_new_tokens=max_new_tokens, **generate_kwargs)]
+
+    def _generate(self, messages: Sequence[Conversation], factors: Mapping[str, Tensor] | None, *,
+                  max_new_tokens: int | Sequence[int] | None = None, **generate_kwargs) -> list[Completion]:
+        """Greedy, left-padded batched generation; ``max_new_tokens`` may differ per row (the
+        batch runs to the longest and each row is cut at its own, as it would end alone)."""
+        limits = self._limits(max_new_tokens, len(messages))
         batch = {k: v.to(self.device) for k, v in encode_messages(self.tokenizer, messages).items()}
         with self.space.activate(factors), torch.no_grad():
-            output = self.model.generate(**batch, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                         do_sample=False, temperature=None, top_p=None, top_k=None,
-                                         pad_token_id=pad_id(self.tokenizer),
+            output = self.model.generate(**batch, max_new_tokens=max(limits), do_sample=False, temperature=None,
+                                         top_p=None, top_k=None, pad_token_id=pad_id(self.tokenizer),
                                          eos_token_id=self._stop_ids, **generate_kwargs)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()  # (b, generated)
+        prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+        stops = set(self._stop_ids)
+        completions = []
+        for row, limit in enumerate(limits):
+            tokens = new_tokens[row][:limit]
+            end = next((i for i, t in enumerate(tokens) if t in stops), None)
+            kept = tokens if end is None else tokens[:end + 1]  # the stop token was generated: it counts
+            completions.append(Completion(self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                          int(prompt_tokens[row]), len(kept), "length" if end is None else "stop"))
+        return completions
+
+    def _limits(self, max_new_tokens: int | Sequence[int] | None, rows: int) -> list[int]:
+        if max_new_tokens is None:
+            return [self.max_new_tokens] * rows
+        if isinstance(max_new_tokens, Sequence):
+            if len(max_new_tokens) != rows:
+                raise RequestError(f"got {len(max_new_tokens)} max_new_tokens for {rows} prompts")
+            return [check_k(n, "max_new_tokens") for n in max_new_tokens]
+        return [check_k(max_new_tokens, "max_new_tokens")] * rows
 
     @property
     def max_prompt_tokens(self) -> int | None:
@@ -197,13 +263,20 @@ class ReGrad:
         return self._context - (self.max_new_tokens if max_new_tokens is None else check_k(max_new_tokens,
                                                                                           "max_new_tokens"))
 
-    def check_prompts(self, messages: Sequence[str], max_new_tokens: int | None = None) -> None:
+    def count_tokens(self, message: Conversation) -> int:
+        """Tokens of the prompt the model reads for this user message or conversation."""
+        return len(self.tokenizer(message_prompt(self.tokenizer, message), add_special_tokens=False)["input_ids"])
+
+    def check_prompts(self, messages: Sequence[Conversation],
+                      max_new_tokens: int | Sequence[int] | None = None) -> None:
         """Refuse, before any work, a prompt longer than :meth:`prompt_limit` tokens."""
-        limit = self.prompt_limit(max_new_tokens)
-        if limit is None:
-            return
-        for message in messages:
-            length = len(self.tokenizer(message_prompt(self.tokenizer, message), add_special_tokens=False)["input_ids"])
+        answers = ([None] * len(messages) if max_new_tokens is None or not isinstance(max_new_tokens, Sequence)
+                   else max_new_tokens)
+        for message, answer in zip(messages, answers):
+            limit = self.prompt_limit(max_new_tokens if not isinstance(max_new_tokens, Sequence) else answer)
+            if limit is None:
+                return
+            length = self.count_tokens(message)
             if length > limit:
                 raise RequestError(f"the prompt is {length} tokens; this engine reads at most {limit} "
                                    "(the model's context minus the answer): shorten the question, or use fewer or "
@@ -255,23 +328,52 @@ class ReGrad:
             answers += [Answer(q, t, mode, d, gamma) for q, t, d in zip(batch_questions, texts, docs)]
         return answers
 
-    def complete_batch(self, messages: Sequence[str], documents: Sequence[Sequence[Hit]], *,
+    def complete_batch(self, messages: Sequence[Conversation], documents: Sequence[Sequence[Hit]], *,
                        gamma: float | None = None, use_gradients: bool = True,
                        **generate_kwargs) -> list[str]:
         """Generate from ready user messages (e.g. a framework's rendered prompt), each with
         the gradients of its own documents; the passages are only in the prompt if the
         caller put them there. Used by the LangChain / LlamaIndex adapters."""
-        gamma = check_gamma(self.gamma if gamma is None else gamma)
-        messages = check_texts(messages, "prompt")
+        return [c.text for c in self.complete(messages, documents, gamma=gamma, use_gradients=use_gradients,
+                                              **generate_kwargs)]
+
+    def complete(self, messages: Sequence[Conversation], documents: Sequence[Sequence[Hit]], *,
+                 gamma: float | Sequence[float] | None = None, use_gradients: bool = True,
+                 max_new_tokens: int | Sequence[int] | None = None, **generate_kwargs) -> list[Completion]:
+        """:meth:`complete_batch` with token counts, and ``gamma`` and ``max_new_tokens`` per
+        prompt if wanted: prompts with different settings still generate in one batch.
+
+        Args:
+            messages: User messages, or conversations as ``[{"role", "content"}]`` lists
+                (roles: system, user, assistant, tool), rendered with the chat template.
+            documents: The documents whose gradients each prompt gets (may be empty).
+            gamma: Test-time step scale: one, or one per prompt (default: the engine's).
+            use_gradients: False runs the meta-learned phi without document updates.
+            max_new_tokens: Answer length: one, or one per prompt (default: the engine's).
+
+        Raises:
+            RequestError: Bad prompts, lengths or gammas, a prompt too long for the model,
+                a missing gradient with ``on_the_fly`` off.
+        """
+        messages = check_conversations(messages)
         if len(documents) != len(messages):
             raise RequestError(f"got {len(documents)} document lists for {len(messages)} prompts")
-        self.check_prompts(messages, generate_kwargs.get("max_new_tokens"))
-        texts: list[str] = []
+        if gamma is None or isinstance(gamma, (int, float)):
+            gammas: float | list[float] = check_gamma(self.gamma if gamma is None else gamma)
+        else:
+            gammas = [check_gamma(g) for g in gamma]
+            if len(gammas) != len(messages):
+                raise RequestError(f"got {len(gammas)} gammas for {len(messages)} prompts")
+        limits = self._limits(max_new_tokens, len(messages))
+        self.check_prompts(messages, limits)
+        out: list[Completion] = []
         for start in range(0, len(messages), self.batch_size):
-            docs = [list(d) for d in documents[start:start + self.batch_size]]
-            factors = self.adapted_factors(docs, gamma) if use_gradients else None
-            texts += self.generate_messages(messages[start:start + self.batch_size], factors, **generate_kwargs)
-        return texts
+            rows = slice(start, start + self.batch_size)
+            docs = [list(d) for d in documents[rows]]
+            factors = (self.adapted_factors(docs, gammas if isinstance(gammas, float) else gammas[rows])
+                       if use_gradients else None)
+            out += self._generate(messages[rows], factors, max_new_tokens=limits[rows], **generate_kwargs)
+        return out
 
     def answer(self, question: str, **kwargs) -> Answer:
         """Answer one question (see :meth:`answer_batch` for the arguments)."""
@@ -292,20 +394,23 @@ class ReGrad:
             self.check_prompts([message], max_new)
         yield from self._stream(message, docs, gamma, **generate_kwargs)
 
-    def stream_message(self, message: str, documents: Sequence[Hit], *, gamma: float | None = None,
-                       **generate_kwargs) -> Iterator[str]:
-        """Stream the answer to a ready user message with its documents' gradients applied."""
-        check_texts([message], "prompt")
+    def stream_message(self, message: Conversation, documents: Sequence[Hit], *, gamma: float | None = None,
+                       **generate_kwargs) -> TextStream:
+        """Stream the answer to a ready user message or conversation with its documents'
+        gradients applied. Checked now; generation starts at the first read."""
+        check_conversations([message])
         self.check_prompts([message], generate_kwargs.get("max_new_tokens"))
-        yield from self._stream(message, documents, check_gamma(self.gamma if gamma is None else gamma),
-                                **generate_kwargs)
+        stream = TextStream(iter(()))
+        stream._pieces = self._stream(message, documents, check_gamma(self.gamma if gamma is None else gamma),
+                                      stream, **generate_kwargs)
+        return stream
 
-    def _stream(self, message: str, documents: Sequence[Hit], gamma: float, **generate_kwargs) -> Iterator[str]:
-        """Generation in a worker thread, pieces yielded here (message and arguments checked)."""
-        from transformers import TextIteratorStreamer
-
+    def _stream(self, message: Conversation, documents: Sequence[Hit], gamma: float, into: TextStream | None = None,
+                **generate_kwargs) -> Iterator[str]:
+        """Generation in a worker thread, pieces yielded here (message and arguments checked);
+        ``into.completion`` gets the text and counts at the end."""
         factors = self.adapted_factors([list(documents)], gamma)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _counting_streamer()(self.tokenizer, set(self._stop_ids))
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -318,7 +423,33 @@ class ReGrad:
         # The worker thread runs in a copy of this context (per-request state stays isolated).
         thread = threading.Thread(target=copy_context().run, args=(run,), daemon=True)
         thread.start()
-        yield from streamer
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield piece
         thread.join()
         if errors:
             raise errors[0]
+        if into is not None:
+            into.completion = Completion(text.strip(), self.count_tokens(message), streamer.generated,
+                                         "stop" if streamer.stopped else "length")
+
+
+@functools.cache
+def _counting_streamer() -> type:
+    from transformers import TextIteratorStreamer  # on first use: importing the engine stays light
+
+    class CountingStreamer(TextIteratorStreamer):
+        """Text pieces as generated (prompt and special tokens skipped), counting the tokens."""
+
+        def __init__(self, tokenizer, stop_ids: set[int]) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.stop_ids, self.generated, self.stopped = stop_ids, 0, False
+
+        def put(self, value: Tensor) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                self.generated += value.numel()
+                self.stopped = self.stopped or any(int(t) in self.stop_ids for t in value.reshape(-1).tolist())
+            super().put(value)
+
+    return CountingStreamer

@@ -7,13 +7,15 @@ wording below is ours; the chat markup around it is the model's own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal, Union
 
 import torch
 from torch import Tensor
 
 Mode = Literal["parametric", "hybrid"]
+# A user turn as text, or a whole chat: [{"role": "system" | "user" | "assistant" | "tool", "content": str}].
+Conversation = Union[str, Sequence[Mapping[str, str]]]
 IGNORE_INDEX = -100  # label of a token that takes no loss (torch's cross-entropy default)
 
 QUESTION_TEMPLATE = "Question: {question}\nAnswer with a short phrase only."
@@ -34,13 +36,35 @@ def chat_prompt(tokenizer, question: str, passages: Sequence[str] | None = None)
     return message_prompt(tokenizer, user_message(question, passages))
 
 
-def message_prompt(tokenizer, message: str) -> str:
-    """A user message (e.g. a framework's rendered prompt) wrapped in the model's chat template."""
+def message_prompt(tokenizer, message: Conversation) -> str:
+    """A user message (e.g. a framework's rendered prompt) or a whole conversation, wrapped
+    in the model's chat template and ending where the assistant's answer starts."""
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template: use an instruction-tuned model "
                          "or set tokenizer.chat_template")
-    messages = [{"role": "user", "content": message}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(conversation_turns(message), tokenize=False, add_generation_prompt=True)
+
+
+def conversation_turns(conversation: Conversation) -> list[dict[str, str]]:
+    """The conversation as role/content dicts (a string is one user turn)."""
+    if isinstance(conversation, str):
+        return [{"role": "user", "content": conversation}]
+    return [{"role": turn["role"], "content": turn["content"]} for turn in conversation]
+
+
+def with_passages(conversation: Conversation, passages: Sequence[str]) -> list[dict[str, str]]:
+    """The conversation with numbered passages put before its last user turn's text (the
+    hybrid prompt's context block, for chats that did not put the passages in themselves)."""
+    turns = conversation_turns(conversation)
+    if not passages:
+        return turns
+    numbered = "\n\n".join(f"[{i + 1}] {p.strip()}" for i, p in enumerate(passages))
+    users = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
+    at = users[-1] if users else len(turns)
+    if not users:
+        turns.append({"role": "user", "content": ""})
+    turns[at] = {"role": "user", "content": CONTEXT_TEMPLATE.format(passages=numbered) + turns[at]["content"]}
+    return turns
 
 
 def encode_qa(tokenizer, question: str, answer: str, passages: Sequence[str] | None = None,
@@ -130,7 +154,7 @@ def encode_prompts(tokenizer, questions: Sequence[str],
                                        for i, q in enumerate(questions)])
 
 
-def encode_messages(tokenizer, messages: Sequence[str]) -> dict[str, Tensor]:
-    """Left-padded generation prompts from ready user messages."""
+def encode_messages(tokenizer, messages: Sequence[Conversation]) -> dict[str, Tensor]:
+    """Left-padded generation prompts from ready user messages or conversations."""
     seqs = [tokenizer(message_prompt(tokenizer, m), add_special_tokens=False)["input_ids"] for m in messages]
     return pad_batch(seqs, None, pad_id(tokenizer), left=True)

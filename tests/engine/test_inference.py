@@ -144,3 +144,53 @@ def test_an_answer_ends_at_a_start_of_turn_marker(engine, path):
     else:
         text = "".join(engine.stream("Where?", documents=docs, **kwargs))
     assert text == "yes"
+
+
+def test_conversations_keep_their_roles_and_render_with_the_chat_template(engine):
+    from regrad_engine.prompts import message_prompt, with_passages
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": QUESTIONS[0]}]
+    rendered = message_prompt(engine.tokenizer, chat)
+    assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>") and rendered.endswith("<|im_start|>assistant\n")
+    assert message_prompt(engine.tokenizer, QUESTIONS[0]) == message_prompt(engine.tokenizer, chat[-1:])
+    hybrid = with_passages(chat, [DOCS["velmora"]])
+    assert hybrid[:3] == chat[:3] and hybrid[3]["content"].startswith("Context:\n[1] Velmora")
+    assert hybrid[3]["content"].endswith(QUESTIONS[0]) and chat[3]["content"] == QUESTIONS[0]  # input untouched
+    docs = [engine.retriever.get("velmora")]
+    assert engine.complete([chat], [docs])[0].text == engine.complete_batch([chat], [docs])[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([[{"role": "wizard", "content": "x"}]], "role must be one of"), ([[{"role": "user"}]], "string 'content'"),
+    ([[]], "non-empty list of chat turns"), ([[{"role": "user", "content": "  "}]], "every turn is blank"),
+    ([[{"role": "user", "content": 3}]], "string 'content'")])
+def test_bad_conversations_are_refused(engine, bad, message):
+    with pytest.raises(RequestError, match=message):
+        engine.complete(bad, [[]])
+
+
+def test_per_prompt_gamma_and_length_in_one_batch_equal_each_alone(engine):
+    docs = [[engine.retriever.get("velmora")], [engine.retriever.get("fudral")], [], [engine.retriever.get("fox")]]
+    gammas, lengths = [1.0, 0.5, 2.0, 0.0], [6, 2, 4, 1]
+    together = engine.complete(QUESTIONS, docs, gamma=gammas, max_new_tokens=lengths)
+    for i, completion in enumerate(together):
+        alone = engine.complete([QUESTIONS[i]], [docs[i]], gamma=gammas[i], max_new_tokens=lengths[i])[0]
+        assert completion == alone
+        assert completion.prompt_tokens == engine.count_tokens(QUESTIONS[i])
+        assert 1 <= completion.completion_tokens <= lengths[i]
+        assert completion.finish_reason == ("length" if completion.completion_tokens == lengths[i] else "stop")
+    assert together[3].completion_tokens == 1
+    with pytest.raises(RequestError, match="2 gammas for 4"):
+        engine.complete(QUESTIONS, docs, gamma=[1.0, 1.0])
+    with pytest.raises(RequestError, match="max_new_tokens must be"):
+        engine.complete(QUESTIONS, docs, max_new_tokens=[1, 2, 0, 1])
+
+
+def test_a_stream_reports_the_same_completion_as_complete(engine):
+    docs = [engine.retriever.get("velmora")]
+    stream = engine.stream_message(QUESTIONS[0], docs, max_new_tokens=6)
+    assert stream.completion is None
+    text = "".join(stream)
+    assert stream.completion == engine.complete([QUESTIONS[0]], [docs], max_new_tokens=6)[0]
+    assert text.strip() == stream.completion.text

@@ -63,8 +63,8 @@ def test_the_limit_counts_this_requests_answer_length_and_every_prompt_before_ge
         engine.answer(question, max_new_tokens=8100)
     limited = open_engine(root, model=model, batch_size=1, max_prompt_tokens=60)
     generated = []
-    real = limited.generate_messages
-    monkeypatch.setattr(limited, "generate_messages", lambda *a, **k: generated.append(a) or real(*a, **k))
+    real = limited._generate
+    monkeypatch.setattr(limited, "_generate", lambda *a, **k: generated.append(a) or real(*a, **k))
     with pytest.raises(RequestError, match="fewer or shorter passages"):
         limited.answer_batch(["Who?", "Who plays the violin?"], mode="hybrid", k=2,
                              documents=[[], [h for h in limited.retrieve(["violin cello"], 2)[0]]])

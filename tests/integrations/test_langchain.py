@@ -64,13 +64,13 @@ def pair(engine):
 @pytest.fixture()
 def model_inputs(engine, monkeypatch):
     """Every user message the model reads."""
-    seen, generate = [], engine.generate_messages
+    seen, generate = [], engine._generate
 
     def spy(messages, factors, **kwargs):
         seen.extend(messages)
         return generate(messages, factors, **kwargs)
 
-    monkeypatch.setattr(engine, "generate_messages", spy)
+    monkeypatch.setattr(engine, "_generate", spy)
     return seen
 
 
