@@ -1,21 +1,26 @@
-"""Which retrieved documents a rendered prompt contains (framework-free; shared by the adapters).
+"""Where documents sit in a rendered prompt (framework-free; shared by the adapters).
 
-A framework chain hands the LLM only a rendered prompt string. The retriever adapters
-register every document they return here; the LLM adapters then look the prompt up: the
-registered texts it contains are its documents, so the LLM applies the gradients of exactly
-the documents that this invocation's retriever returned, with no second retrieval and no
-shared per-request state (parallel invocations cannot mix documents: each prompt carries
-its own).
+Two uses:
 
-Lookup cost: registered texts are indexed by their first ``PREFIX_CHARS`` characters, and
-:meth:`DocumentRegistry.find` looks up each position of the prompt in that index, so a call
-costs O(len(prompt)) dictionary lookups however many texts are registered (texts shorter
-than ``PREFIX_CHARS`` are rare and checked with ``in``). The registry is an LRU bounded at
-``max_entries`` texts: a document only has to survive from retrieval to generation.
+* :func:`locate` finds the documents a call was *handed* (through the run tree, see
+  ``_handoff``, or passed explicitly) in the prompt, so that parametric mode can cut their
+  text out. Matching is forgiving: case, runs of whitespace, HTML entities and JSON/Python
+  string escapes are normalised away, and a document cut short by ``format_docs`` is
+  found by its first ``MIN_PREFIX`` characters or more.
+* :class:`DocumentRegistry` is the fallback for prompts built outside a run tree (the
+  retriever invoked by hand, its documents pasted into a prompt): texts the adapters'
+  retrievers returned *outside* any chain are registered, and a prompt's documents are the
+  registered texts it contains (same normalisation, whole texts only).
+
+Lookup cost: registered texts are indexed by their first ``PREFIX_CHARS`` normalised
+characters, so :meth:`DocumentRegistry.find` costs O(len(prompt)) dictionary lookups however
+many texts are registered. The registry is an LRU bounded at ``max_entries`` texts.
 """
 
 from __future__ import annotations
 
+import html
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -24,7 +29,105 @@ from collections.abc import Iterable, Sequence
 from regrad_engine.retrieval.base import Hit
 
 PREFIX_CHARS = 32
+MIN_PREFIX = 40  # a document cut short still matches by this many normalised characters
 DEFAULT_MAX_ENTRIES = 10_000
+
+_ENTITY = re.compile(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "'": "'", "\\": "\\", "/": "/", "b": "", "f": ""}
+_ELLIPSIS = re.compile(r"\s*(\.\.\.|\u2026)")
+
+
+def normalize(text: str) -> tuple[str, list[int], list[int]]:
+    """``text`` casefolded, with entities and escapes decoded and whitespace runs made one
+    space; plus, for each character of the result, where it starts and ends in ``text``."""
+    out: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+
+    def emit(chars: str, start: int, end: int) -> None:
+        for char in chars.casefold():
+            if char.isspace():
+                if out and out[-1] == " ":  # extend the space already written
+                    ends[-1] = end
+                    continue
+                char = " "
+            out.append(char)
+            starts.append(start)
+            ends.append(end)
+
+    i, n = 0, len(text)
+    while i < n:
+        char = text[i]
+        if char == "&" and (m := _ENTITY.match(text, i)) and (decoded := html.unescape(m.group())) != m.group():
+            emit(decoded, i, m.end())
+            i = m.end()
+        elif char == "\\" and i + 1 < n:
+            nxt = text[i + 1]
+            if nxt == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2:i + 6]):
+                emit(chr(int(text[i + 2:i + 6], 16)), i, i + 6)
+                i += 6
+            elif nxt in _ESCAPES:
+                emit(_ESCAPES[nxt], i, i + 2)
+                i += 2
+            else:
+                emit(char, i, i + 1)
+                i += 1
+        else:
+            emit(char, i, i + 1)
+            i += 1
+    return "".join(out), starts, ends
+
+
+def locate(prompt: str, hits: Sequence[Hit]) -> tuple[list[tuple[int, int, Hit]], list[Hit]]:
+    """Where each of ``hits`` sits in ``prompt``: ``(spans, not_found)``.
+
+    A document matches in whole, or by its longest normalised prefix of at least
+    ``MIN_PREFIX`` characters (a ``format_docs`` that truncates; a following ``...`` goes
+    with it). Spans are in ``prompt``'s own characters, every occurrence, by position."""
+    norm, starts, ends = normalize(prompt)
+    spans: list[tuple[int, int, Hit]] = []
+    missing: list[Hit] = []
+    for hit in hits:
+        text = normalize(hit.text)[0].strip()
+        if not text:
+            continue
+        found = _occurrences(norm, text)
+        if not found and len(text) > MIN_PREFIX:
+            found = _longest_prefix(norm, text)
+        if not found:
+            missing.append(hit)
+            continue
+        for start, length in found:
+            end = ends[start + length - 1]
+            tail = _ELLIPSIS.match(prompt, end) if length < len(text) else None
+            begin, end = starts[start], tail.end() if tail else end
+            if 0 < begin and end < len(prompt) and prompt[begin - 1] == prompt[end] and prompt[end] in "\"'":
+                begin, end = begin - 1, end + 1  # a quoted string (json.dumps, repr): the quotes go too
+            spans.append((begin, end, hit))
+    return sorted(spans, key=lambda span: span[0]), missing
+
+
+def _occurrences(norm: str, text: str) -> list[tuple[int, int]]:
+    found, start = [], norm.find(text)
+    while start != -1:
+        found.append((start, len(text)))
+        start = norm.find(text, start + len(text))
+    return found
+
+
+def _longest_prefix(norm: str, text: str) -> list[tuple[int, int]]:
+    best: list[tuple[int, int]] = []
+    start = norm.find(text[:MIN_PREFIX])
+    while start != -1:
+        length = MIN_PREFIX
+        while length < len(text) and start + length < len(norm) and norm[start + length] == text[length]:
+            length += 1
+        if not best or length > best[0][1]:
+            best = [(start, length)]
+        elif length == best[0][1]:
+            best.append((start, length))
+        start = norm.find(text[:MIN_PREFIX], start + 1)
+    return best
 
 
 class DocumentRegistry:
@@ -47,10 +150,10 @@ class DocumentRegistry:
         return len(self._hits)
 
     def register(self, hits: Iterable[Hit]) -> None:
-        """Remember these documents (keyed by their text without outer whitespace)."""
+        """Remember these documents (keyed by their normalised text)."""
         with self._lock:
             for hit in hits:
-                text = hit.text.strip()
+                text = normalize(hit.text)[0].strip()
                 if not text:
                     continue
                 if text not in self._hits:
@@ -62,22 +165,24 @@ class DocumentRegistry:
                 self._unindex(oldest)
 
     def find(self, prompt: str) -> list[tuple[int, int, Hit]]:
-        """Registered documents in ``prompt``: ``(start, end, hit)`` ordered by position.
+        """Registered documents in ``prompt``: ``(start, end, hit)`` ordered by position, in
+        the prompt's own characters (matching is on normalised text).
 
         Overlapping matches go to the longest text; each document is reported once (its
         first occurrence).
         """
+        norm, starts, ends = normalize(prompt)
         found: list[tuple[int, int, str]] = []
         with self._lock:
-            for start in range(len(prompt) - PREFIX_CHARS + 1):
-                for text in self._by_prefix.get(prompt[start:start + PREFIX_CHARS], ()):
-                    if prompt.startswith(text, start):
+            for start in range(len(norm) - PREFIX_CHARS + 1):
+                for text in self._by_prefix.get(norm[start:start + PREFIX_CHARS], ()):
+                    if norm.startswith(text, start):
                         found.append((start, start + len(text), text))
             for text in self._short:
-                start = prompt.find(text)
+                start = norm.find(text)
                 while start != -1:
                     found.append((start, start + len(text), text))
-                    start = prompt.find(text, start + 1)
+                    start = norm.find(text, start + 1)
             hits = {text: self._hits[text] for _, _, text in found}
             for text in hits:
                 self._hits.move_to_end(text)
@@ -90,7 +195,7 @@ class DocumentRegistry:
         for start, end, hit in sorted(claimed, key=lambda m: m[0]):
             if hit.id not in seen:
                 seen.add(hit.id)
-                chosen.append((start, end, hit))
+                chosen.append((starts[start], ends[end - 1], hit))
         return chosen
 
     @staticmethod
@@ -146,7 +251,7 @@ _registries_lock = threading.Lock()
 
 
 def registry_for(engine: object) -> DocumentRegistry:
-    """The registry shared by every adapter object over this engine (freed with the engine)."""
+    """The fallback registry of the adapter objects over this engine (freed with the engine)."""
     with _registries_lock:
         registry = _registries.get(engine)
         if registry is None:
@@ -154,10 +259,19 @@ def registry_for(engine: object) -> DocumentRegistry:
         return registry
 
 
-def prompt_documents(engine: object, prompt: str, mode: str) -> tuple[str, list[Hit]]:
-    """What the model reads for a rendered prompt, and the documents whose gradients it gets:
-    the registered documents the prompt contains; in ``parametric`` mode their text is cut out."""
-    registry = registry_for(engine)
-    found = registry.find(prompt)  # [(start, end, hit)]
-    message = registry.strip(prompt, found) if mode == "parametric" else prompt
-    return message, [hit for _, _, hit in found]
+def prompt_documents(engine: object, prompt: str, mode: str,
+                     handed: Sequence[Hit] | None = None) -> tuple[str, list[Hit], list[Hit]]:
+    """What the model reads for a rendered prompt, the documents whose gradients it gets,
+    and those of them whose text could not be found in the prompt.
+
+    ``handed``: the call's documents (run tree or explicit); None falls back to the
+    registered documents the prompt contains. In ``parametric`` mode the documents' text is
+    cut out of the prompt."""
+    if handed is None:
+        spans, hits, missing = registry_for(engine).find(prompt), None, []
+        hits = [hit for _, _, hit in spans]
+    else:
+        spans, missing = locate(prompt, handed)
+        hits = list(handed)
+    message = DocumentRegistry.strip(prompt, spans) if mode == "parametric" else prompt
+    return message, hits, missing

@@ -128,7 +128,7 @@ class ReGradLLM(BaseLLM):
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
         mode, gamma, options = self._options(kwargs)
-        requests = [prompt_documents(self.engine, prompt, mode) for prompt in prompts]
+        requests = [prompt_documents(self.engine, prompt, mode)[:2] for prompt in prompts]
         texts = self.engine.complete_batch([message for message, _ in requests], [hits for _, hits in requests],
                                            gamma=gamma, **options)
         return LLMResult(generations=[[Generation(text=_cut_at_stop(text, stop), generation_info=_info(hits, mode))]
@@ -137,7 +137,7 @@ class ReGradLLM(BaseLLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
         mode, gamma, options = self._options(kwargs)
-        message, hits = prompt_documents(self.engine, prompt, mode)
+        message, hits, _ = prompt_documents(self.engine, prompt, mode)
         cancel = _Cancel()  # stops generating once we stop reading (stop sequence, closed stream)
         options["stopping_criteria"] = StoppingCriteriaList([*options.get("stopping_criteria", ()), cancel])
         pieces = self.engine.stream_message(message, hits, gamma=gamma, **options)

@@ -173,7 +173,7 @@ class ReGradLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        message, hits = prompt_documents(self.engine, prompt, self.mode)
+        message, hits, _ = prompt_documents(self.engine, prompt, self.mode)
         text = self.engine.complete_batch([message], [hits], gamma=self.gamma,
                                           max_new_tokens=self.max_new_tokens)[0]
         return CompletionResponse(text=text)
@@ -185,7 +185,7 @@ class ReGradLLM(CustomLLM):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        message, hits = prompt_documents(self.engine, prompt, self.mode)
+        message, hits, _ = prompt_documents(self.engine, prompt, self.mode)
         check_texts([message], "prompt")
 
         def gen() -> CompletionResponseGen:
