@@ -10,6 +10,7 @@
     regrad verify --store runs/store [--repair]         # check every checksum; drop what is damaged
     regrad compact --store runs/store                   # remove deleted and replaced gradients from disk
     regrad ask    --store runs/store "Where was X born?"
+    regrad serve  --store runs/store [--port 8000]      # OpenAI-compatible HTTP API, requests batched
     regrad eval   --data data/general --meta runs/meta/best [--setting retrieval]
     regrad demo                                         # everything, on the embedded model
 """
@@ -208,7 +209,7 @@ def _cmd_ask(args) -> int:
     return 0
 
 
-def _open(args):
+def _open(args, **engine_kwargs):
     import torch
 
     from regrad_engine.store import open_engine
@@ -216,7 +217,30 @@ def _open(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args.model, args.device, args.dtype, args.threads) if args.model else None
-    return open_engine(args.store, model=model, device=args.device, dtype=getattr(torch, args.dtype), meta=args.meta)
+    return open_engine(args.store, model=model, device=args.device, dtype=getattr(torch, args.dtype), meta=args.meta,
+                       **engine_kwargs)
+
+
+def _cmd_serve(args) -> int:
+    from regrad_engine.errors import check_gamma, check_k
+
+    try:
+        from regrad_engine.server import serve
+    except ImportError as err:  # before the model loads: say what to install
+        raise _usage(str(err)) from None
+    if not 0 <= args.port <= 65535:
+        raise _usage(f"--port must be between 0 and 65535, got {args.port}")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens)):
+        if value is not None:
+            check_k(value, flag)
+    if not 0 <= args.max_wait_ms <= 10_000:
+        raise _usage(f"--max-wait-ms must be between 0 and 10000, got {args.max_wait_ms}")
+    check_gamma(args.gamma)
+    engine = _open(args, k=args.k, mode=args.mode, gamma=args.gamma,
+                   **({"max_new_tokens": args.max_tokens} if args.max_tokens else {}))
+    serve(engine, host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          model_id=args.model_id, log_level="debug" if args.verbose else "info")
+    return 0
 
 
 def _usage(message: str):
@@ -446,6 +470,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also print the base model's answer")
     _add_model_args(p)
     p.set_defaults(func=_cmd_ask)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
+                                     "/v1/models); concurrent requests generate in batches, each with its own documents")
+    p.add_argument("--store", required=True, help="store directory from `regrad build`")
+    p.add_argument("--meta", help="meta checkpoint (default: the one the store was built with)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--max-batch", dest="max_batch", type=int, default=None,
+                   help="most requests generated together (default: the engine's batch size, 16)")
+    p.add_argument("--max-wait-ms", dest="max_wait_ms", type=float, default=10.0,
+                   help="how long a request waits for others to share its batch")
+    p.add_argument("--model-id", dest="model_id", default="regrad", help="model name /v1/models lists")
+    p.add_argument("--mode", default="parametric", choices=["parametric", "hybrid"], help="default of requests")
+    p.add_argument("--k", type=int, default=3, help="documents per request, by default")
+    p.add_argument("--gamma", type=float, default=1.0, help="test-time step scale, by default")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=None,
+                   help="answer length of requests without max_tokens (default: 20)")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("eval", help="score direct / RAG / ReGrad and the ablations on a QA split")
     p.add_argument("--data", required=True, help="data directory (corpus.jsonl + split files)")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SNIPPETS = sorted((ROOT / "tests" / "integrations" / "snippets").glob("*.py"))
+SNIPPETS = sorted((ROOT / "tests").glob("*/snippets/*.py"))
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda p: p.name)
