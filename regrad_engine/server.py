@@ -21,19 +21,19 @@ with 400: n > 1, tools and function calls, logprobs, JSON response formats, logi
 suffix. ``model`` may name anything (one engine serves every request) and responses name the
 server's model id. The prompt of /v1/completions is read as one user turn in the chat template.
 Non-streamed requests are batched dynamically (``batching.py``); each stream runs on its own.
+The wire format (request bodies, refusals, answer and chunk shapes) is ``openai_format.py``;
+this module turns requests into jobs and serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 try:
@@ -43,158 +43,32 @@ try:
     from starlette.exceptions import HTTPException
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("the server needs fastapi and uvicorn: pip install 'regrad[serve]'") from err
-from pydantic import BaseModel, ConfigDict, Field
 
 from regrad_engine.bank import text_hash
 from regrad_engine.batching import DynamicBatcher, Job
-from regrad_engine.errors import (
-    RegradError,
-    RequestError,
-    check_conversations,
-    check_gamma,
-    check_k,
-    check_mode,
+from regrad_engine.errors import RegradError, check_conversations, check_gamma, check_k, check_mode
+from regrad_engine.inference import ReGrad
+from regrad_engine.openai_format import (
+    MAX_PROMPTS,
+    ChatRequest,
+    CompletionRequest,
+    FieldError,
+    OpenAIRequest,
+    Reply,
+    checked,
+    conversation_of,
+    error_body,
+    error_of,
+    query_of,
+    refuse_unsupported,
+    stop_sequences,
 )
-from regrad_engine.inference import Completion, ReGrad, TextStream
 from regrad_engine.prompts import Conversation, with_passages
 from regrad_engine.retrieval.base import Hit
 
 logger = logging.getLogger(__name__)
 
 MAX_DOCUMENTS = 32  # per request: each document outside the bank costs a backward pass
-MAX_PROMPTS = 64  # per /v1/completions request
-
-
-class FieldError(RequestError):
-    """A bad request field; ``param`` names it (the ``param`` of the OpenAI error body)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-# ------------------------------------------------------------------ request bodies
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. "name", "refusal": not read
-
-    role: str = Field(description="system, developer (read as system), user, assistant or tool")
-    content: str | list[dict[str, Any]] | None = Field(None, description="text, or text parts")
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = Field(False, description="send the token counts in a last chunk")
-
-
-class _Request(BaseModel):
-    """Fields both endpoints share; unknown fields are refused (a misspelt ``documents`` must
-    not be ignored silently)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="any name: one engine serves every request")
-    stream: bool = Field(False, description="answer with server-sent events")
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, description="answer length (default: the engine's max_new_tokens)")
-    stop: str | list[str] | None = Field(None, description="the answer is cut before the first of these")
-    n: int | None = Field(None, description="1 only: decoding is greedy")
-    logit_bias: dict[str, float] | None = Field(None, description="refused unless empty")
-    temperature: float | None = Field(None, description="ignored: decoding is greedy")
-    top_p: float | None = Field(None, description="ignored: decoding is greedy")
-    presence_penalty: float | None = Field(None, description="ignored")
-    frequency_penalty: float | None = Field(None, description="ignored")
-    seed: int | None = Field(None, description="ignored: decoding is deterministic")
-    user: str | None = Field(None, description="ignored")
-    mode: Any = Field(None, description='"parametric" or "hybrid" (default: the engine\'s)')
-    k: Any = Field(None, description="documents to retrieve (default: the engine's k)")
-    gamma: Any = Field(None, description="test-time step scale (default: the engine's)")
-    documents: Any = Field(None, description='store ids or {"text": ..., "id": ...} objects, instead of retrieval')
-    use_gradients: Any = Field(True, description="false: the meta-learned LoRA without document updates")
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, description="answer length (wins over max_tokens)")
-    logprobs: bool | None = Field(None, description="refused if true")
-    top_logprobs: int | None = Field(None, description="refused")
-    tools: list[Any] | None = Field(None, description="refused: no tool calling")
-    tool_choice: Any = Field(None, description='refused unless "none"')
-    functions: list[Any] | None = Field(None, description="refused: no function calling")
-    function_call: Any = Field(None, description="refused")
-    parallel_tool_calls: bool | None = Field(None, description="ignored: no tool calling")
-    response_format: dict[str, Any] | None = Field(None, description='{"type": "text"} only')
-    metadata: dict[str, Any] | None = Field(None, description="ignored")
-    store: bool | None = Field(None, description="ignored: nothing is stored")
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(description=f"one prompt or up to {MAX_PROMPTS}, each one user turn")
-    logprobs: int | None = Field(None, description="refused")
-    echo: bool | None = Field(None, description="refused if true")
-    suffix: str | None = Field(None, description="refused")
-    best_of: int | None = Field(None, description="1 only")
-
-
-def _refuse_unsupported(body: _Request) -> None:
-    """The OpenAI features this server does not have, each with what to send instead."""
-    tool_choice = getattr(body, "tool_choice", None)
-    response_format = getattr(body, "response_format", None) or {}
-    refused = [
-        (body.n not in (None, 1), "n", f"n={body.n} is not supported: decoding is greedy, so every choice "
-                                       "would be the same; send n=1 or leave it out"),
-        (getattr(body, "tools", None) or getattr(body, "functions", None) or getattr(body, "function_call", None)
-         or tool_choice not in (None, "none"), "tools", "tools and function calling are not supported by this server"),
-        (body.logprobs not in (None, False, 0) or getattr(body, "top_logprobs", None), "logprobs",
-         "logprobs are not supported by this server"),
-        (response_format.get("type", "text") != "text", "response_format",
-         f"response_format {response_format.get('type')!r} is not supported (greedy decoding without "
-         "constraints): ask for JSON in the prompt"),
-        (body.logit_bias, "logit_bias", "logit_bias is not supported by this server"),
-        (getattr(body, "echo", None), "echo", "echo is not supported by this server"),
-        (getattr(body, "suffix", None), "suffix", "suffix (insertion) is not supported by this server"),
-        (getattr(body, "best_of", None) not in (None, 1), "best_of", "best_of must be 1: decoding is greedy"),
-    ]
-    for bad, param, message in refused:
-        if bad:
-            raise FieldError(message, param)
-
-
-# ------------------------------------------------------------------ requests -> jobs
-def _checked(param: str, check: Callable[..., Any], value: Any, *args: Any) -> Any:
-    try:
-        return check(value, *args)
-    except RequestError as err:
-        raise FieldError(str(err), param) from None
-
-
-def _text(content: str | list[dict[str, Any]] | None, param: str) -> str:
-    """A message's content as text (text parts joined; other parts refused)."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise FieldError(f"only text content is supported, got a {part.get('type')!r} part", param)
-        texts.append(part["text"])
-    return "\n".join(texts)
-
-
-def conversation_of(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """OpenAI chat messages as the engine's conversation (checked)."""
-    if not messages:
-        raise FieldError("messages must be a non-empty list of chat turns", "messages")
-    turns = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, f"messages.{i}.content")}
-             for i, m in enumerate(messages)]
-    return _checked("messages", check_conversations, [turns], "conversation")[0]
-
-
-def _query(conversation: Conversation) -> str:
-    """The retrieval query: the last non-blank user turn."""
-    if isinstance(conversation, str):
-        return conversation
-    users = [t["content"] for t in conversation if t["role"] == "user" and t["content"].strip()]
-    if not users:
-        raise FieldError("no user message to retrieve documents for: add one, or pass documents", "messages")
-    return users[-1]
 
 
 class _Requests:
@@ -203,25 +77,23 @@ class _Requests:
     def __init__(self, engine: ReGrad) -> None:
         self.engine = engine
 
-    def job(self, body: _Request, conversation: Conversation, max_tokens: int | None) -> tuple[Job, list[dict]]:
+    def job(self, body: OpenAIRequest, conversation: Conversation, max_tokens: int | None) -> tuple[Job, list[dict]]:
         engine = self.engine
-        mode = _checked("mode", check_mode, engine.mode if body.mode is None else body.mode)
-        gamma = _checked("gamma", check_gamma, engine.gamma if body.gamma is None else body.gamma)
-        max_new = _checked("max_tokens", check_k, engine.max_new_tokens if max_tokens is None else max_tokens,
-                           "max_tokens")
-        k = _checked("k", check_k, engine.k if body.k is None else body.k)
+        mode = checked("mode", check_mode, engine.mode if body.mode is None else body.mode)
+        gamma = checked("gamma", check_gamma, engine.gamma if body.gamma is None else body.gamma)
+        max_new = checked("max_tokens", check_k, engine.max_new_tokens if max_tokens is None else max_tokens,
+                          "max_tokens")
+        k = checked("k", check_k, engine.k if body.k is None else body.k)
         if k > MAX_DOCUMENTS:
             raise FieldError(f"k must be at most {MAX_DOCUMENTS}, got {k}", "k")
         if not isinstance(body.use_gradients, bool):
             raise FieldError(f"use_gradients must be true or false, got {body.use_gradients!r}", "use_gradients")
-        if body.documents is not None:
-            named = self.documents(body.documents)
-        elif body.use_gradients or mode == "hybrid":
-            named = [(hit, hit.id) for hit in engine.retrieve([_query(conversation)], k)[0]]
-        else:
-            named = []  # parametric without gradients: documents would change nothing
         if not body.use_gradients and mode == "parametric":
-            named = []
+            named = []  # neither gradients nor passages: documents would change nothing
+        elif body.documents is not None:
+            named = self.documents(body.documents)
+        else:
+            named = [(hit, hit.id) for hit in engine.retrieve([query_of(conversation)], k)[0]]
         hits = [hit for hit, _ in named]
         prompt = with_passages(conversation, [h.text for h in hits]) if mode == "hybrid" else conversation
         engine.check_prompts([prompt], max_new)
@@ -271,132 +143,6 @@ class _Requests:
         return Hit(f"text-{text_hash(text)}", text, 0.0)
 
 
-# ------------------------------------------------------------------ responses
-def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the first stop sequence, and whether one was found."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(found)], True) if found else (text, False)
-
-
-class _StreamCutter:
-    """Streamed pieces as the non-streamed text would read: leading and trailing whitespace
-    dropped, cut before the first stop sequence (text that may begin one is held back)."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops, self.hold = stops, max((len(s) for s in stops), default=1) - 1
-        self.buffer, self.started, self.stopped = "", False, False
-
-    def feed(self, piece: str) -> str:
-        self.buffer += piece
-        if not self.started:
-            self.buffer = self.buffer.lstrip()
-            self.started = bool(self.buffer)
-        text, self.stopped = _cut(self.buffer, self.stops)
-        if self.stopped:
-            self.buffer = ""
-            return text
-        ready = min(len(self.buffer) - self.hold, len(self.buffer.rstrip()))
-        out, self.buffer = self.buffer[:max(ready, 0)], self.buffer[max(ready, 0):]
-        return out
-
-    def finish(self) -> str:
-        out, self.buffer = self.buffer.rstrip(), ""
-        return out
-
-
-def _stops(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise FieldError("a stop sequence must be a non-empty string", "stop")
-    return stops
-
-
-def _usage(completions: list[Completion]) -> dict[str, int]:
-    prompt, answer = sum(c.prompt_tokens for c in completions), sum(c.completion_tokens for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
-
-
-def _event(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
-
-
-def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-                code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _error_of(err: Exception) -> tuple[int, dict]:
-    """HTTP status and OpenAI error body of an exception (a user's mistake: 400)."""
-    if isinstance(err, (RequestError, KeyError)) and isinstance(err, RegradError):
-        return 400, _error_body(str(err), param=getattr(err, "param", None))
-    if isinstance(err, RegradError):
-        return 500, _error_body(str(err), "server_error")
-    logger.error("request failed", exc_info=err)
-    return 500, _error_body(f"internal error ({type(err).__name__}): see the server log", "server_error")
-
-
-class _Reply:
-    """The OpenAI shape of one endpoint's answers: ``chat`` (chat.completion) or text completion."""
-
-    def __init__(self, chat: bool, model_id: str) -> None:
-        self.chat, self.model_id = chat, model_id
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def envelope(self, chunk: bool = False) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
-
-    def choice(self, index: int, text: str | None, finish: str | None, *, delta: bool = False,
-               first: bool = False) -> dict:
-        if not self.chat:
-            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-        if not delta:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish}
-        content = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-        return {"index": index, "delta": content, "logprobs": None, "finish_reason": finish}
-
-    def whole(self, completions: list[Completion], sources: list[list[dict]], stops: list[str]) -> dict:
-        """The whole answer; with several prompts each choice also carries its own sources."""
-        choices = []
-        for i, completion in enumerate(completions):
-            text, stopped = _cut(completion.text, stops)
-            choices.append(self.choice(i, text, "stop" if stopped else completion.finish_reason))
-            if len(sources) > 1:
-                choices[-1]["sources"] = sources[i]
-        flat = [s for group in sources for s in group]
-        return {**self.envelope(), "choices": choices, "usage": _usage(completions), "sources": flat}
-
-    def events(self, stream: TextStream, sources: list[dict], stops: list[str], usage: bool) -> Iterator[str]:
-        """Server-sent events: role (and sources) first, text pieces, finish reason, usage, [DONE]."""
-        cutter = _StreamCutter(stops)
-        try:
-            yield _event({**self.envelope(True), "choices": [self.choice(0, "", None, delta=True, first=True)],
-                          "sources": sources})
-            for piece in stream:
-                text = cutter.feed(piece)
-                if text:
-                    yield _event({**self.envelope(True), "choices": [self.choice(0, text, None, delta=True)]})
-                if cutter.stopped:
-                    break
-            tail = "" if cutter.stopped else cutter.finish()
-            if tail:
-                yield _event({**self.envelope(True), "choices": [self.choice(0, tail, None, delta=True)]})
-            if cutter.stopped and usage:
-                for _ in stream:  # the rest is generated anyway: read it for exact token counts
-                    pass
-            finish = "stop" if cutter.stopped else stream.completion.finish_reason
-            yield _event({**self.envelope(True), "choices": [self.choice(0, None, finish, delta=True)]})
-            if usage:
-                yield _event({**self.envelope(True), "choices": [], "usage": _usage([stream.completion])})
-        except Exception as err:  # noqa: BLE001 - the status line is sent already: report in the stream
-            yield _event(_error_of(err)[1])
-        finally:
-            stream.close()
-        yield _event("[DONE]")
-
-
 # ------------------------------------------------------------------ the app
 def create_app(engine: ReGrad, *, max_batch: int | None = None, max_wait_ms: float = 10.0,
                model_id: str = "regrad") -> FastAPI:
@@ -436,24 +182,24 @@ def create_app(engine: ReGrad, *, max_batch: int | None = None, max_wait_ms: flo
             message = f"{param} is required"
         else:
             message = f"{param}: {first['msg']}"
-        return JSONResponse(_error_body(message, param=param), status_code=400)
+        return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException) -> JSONResponse:
         message = (f"no route {request.method} {request.url.path}: this server has /v1/chat/completions, "
                    "/v1/completions, /v1/models, /health and /ready") if err.status_code in (404, 405) else err.detail
-        return JSONResponse(_error_body(message), status_code=err.status_code)
+        return JSONResponse(error_body(message), status_code=err.status_code)
 
     @app.exception_handler(RegradError)  # a user's mistake (400) or the store's (500)
     @app.exception_handler(Exception)  # a bug: 500, and uvicorn logs the traceback
     async def failed(request, err: Exception) -> JSONResponse:
-        status, body = _error_of(err)
+        status, body = error_of(err)
         return JSONResponse(body, status_code=status)
 
-    async def answer(body: _Request, prompts: list[Conversation], max_tokens: int | None, chat: bool):
-        _refuse_unsupported(body)
-        stops = _stops(body.stop)
-        reply = _Reply(chat, model_id)
+    async def answer(body: OpenAIRequest, prompts: list[Conversation], max_tokens: int | None, chat: bool):
+        refuse_unsupported(body)
+        stops = stop_sequences(body.stop)
+        reply = Reply(chat, model_id)
         if body.stream:
             if len(prompts) != 1:
                 raise FieldError("stream one prompt per request", "prompt")
@@ -476,7 +222,7 @@ def create_app(engine: ReGrad, *, max_batch: int | None = None, max_wait_ms: flo
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise FieldError(f"send 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", "prompt")
-        return await answer(body, _checked("prompt", check_conversations, prompts), body.max_tokens, chat=False)
+        return await answer(body, checked("prompt", check_conversations, prompts), body.max_tokens, chat=False)
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "regrad"}
@@ -488,7 +234,7 @@ def create_app(engine: ReGrad, *, max_batch: int | None = None, max_wait_ms: flo
     @app.get("/v1/models/{name}")
     async def model(name: str):
         if name != model_id:
-            return JSONResponse(_error_body(f"no model {name!r}: this server serves {model_id!r}", param="model",
+            return JSONResponse(error_body(f"no model {name!r}: this server serves {model_id!r}", param="model",
                                             code="model_not_found"), status_code=404)
         return model_card()
 
