@@ -1,5 +1,6 @@
 """README snippet: ReGrad in a LlamaIndex app (run by tests/integrations/test_llama_index.py)."""
 
+from llama_index.core import VectorStoreIndex
 from llama_index.core.query_engine import RetrieverQueryEngine
 
 from regrad_integrations.llama_index import ReGradLLM, ReGradQueryEngine, ReGradRetriever
@@ -12,16 +13,24 @@ def build_query_engine(engine):
     return ReGradQueryEngine(engine=engine, mode="parametric", k=3)
 
 
-def build_pipeline_query_engine(engine):
-    """Keep LlamaIndex's own pipeline (prompt templates, postprocessors, synthesizer) and
-    let ReGrad apply the gradients of the documents it finds in the rendered prompt."""
-    return RetrieverQueryEngine.from_args(retriever=ReGradRetriever(engine, k=3),
-                                          llm=ReGradLLM(engine=engine, mode="hybrid"))
+def build_index_query_engine(engine, documents, embed_model):
+    """Your own index and pipeline. Each Document's id_ is its id in the corpus that
+    `regrad build` read, so its nodes (node.ref_doc_id) find their gradients in the bank."""
+    index = VectorStoreIndex.from_documents(documents, embed_model=embed_model)
+    # Every LLM call of a query gets the gradients of the nodes that query retrieved;
+    # parametric mode cuts their text out of the prompt, hybrid keeps it.
+    return index.as_query_engine(llm=ReGradLLM(engine=engine, mode="parametric"), similarity_top_k=3)
 
 
-if __name__ == "__main__":
-    from regrad_engine import open_engine
+def build_retriever_query_engine(engine, index):
+    """Any LlamaIndex retriever; id_fn maps its nodes to bank ids (default: the
+    node's ref_doc_id if the bank holds it, else its node_id)."""
+    retriever = ReGradRetriever(engine, base_retriever=index.as_retriever(similarity_top_k=3),
+                                id_fn=lambda node: node.metadata["doc_id"])
+    return RetrieverQueryEngine.from_args(retriever=retriever, llm=ReGradLLM(engine=engine, mode="hybrid"))
 
-    query_engine = build_query_engine(open_engine("store/"))
-    response = query_engine.query("Where was Velmora Quistan born?")
-    print(response, [node.node_id for node in response.source_nodes])
+
+# documents = [Document(id_=doc["id"], text=doc["text"]) for doc in corpus]  # what `regrad build` read
+# query_engine = build_index_query_engine(engine, documents, embed_model=your_embedding_model)
+# response = query_engine.query("Where was Velmora Quistan born?")
+# print(response, [node.node.ref_doc_id for node in response.source_nodes])
