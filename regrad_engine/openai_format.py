@@ -258,8 +258,11 @@ class Reply:
         flat = [s for group in sources for s in group]
         return {**self.envelope(), "choices": choices, "usage": _usage(completions), "sources": flat}
 
-    def events(self, stream: TextStream, sources: list[dict], stops: list[str], usage: bool) -> Iterator[str]:
-        """Server-sent events: role (and sources) first, text pieces, finish reason, usage, [DONE]."""
+    def events(self, stream: TextStream, sources: list[dict], stops: list[str], usage: bool,
+               cancel: Callable[[], None] = lambda: None) -> Iterator[str]:
+        """Server-sent events: role (and sources) first, text pieces, finish reason, usage, [DONE].
+        ``cancel`` stops the generation once the events end (at a stop sequence, or when the
+        client goes away)."""
         cutter = StreamCutter(stops)
         try:
             yield _event({**self.envelope(True), "choices": [self.choice(0, "", None, delta=True, first=True)],
@@ -274,7 +277,7 @@ class Reply:
             if tail:
                 yield _event({**self.envelope(True), "choices": [self.choice(0, tail, None, delta=True)]})
             if cutter.stopped and usage:
-                for _ in stream:  # the rest is generated anyway: read it for exact token counts
+                for _ in stream:  # the token counts are those of the whole generation
                     pass
             finish = "stop" if cutter.stopped else stream.completion.finish_reason
             yield _event({**self.envelope(True), "choices": [self.choice(0, None, finish, delta=True)]})
@@ -284,4 +287,5 @@ class Reply:
             yield _event(error_of(err)[1])
         finally:
             stream.close()
+            cancel()
         yield _event("[DONE]")

@@ -138,6 +138,19 @@ def test_stream_sends_role_and_sources_first_then_the_same_answer(client):
     assert cut[-1].choices[0].finish_reason == "stop"
 
 
+def test_a_stream_cut_at_a_stop_sequence_stops_generating(client, engine, monkeypatch):
+    import time
+
+    monkeypatch.setattr(engine, "_stop_ids", [])  # the answer never ends by itself: only max_tokens ends it
+    forward, calls = engine.model.forward, []
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+    first = chat(client, QUESTIONS[2], max_tokens=4).choices[0].message.content
+    calls.clear()
+    list(chat(client, QUESTIONS[2], max_tokens=3000, stop=first[:2], stream=True))
+    time.sleep(0.5)
+    assert len(calls) < 50  # not 3000: generation stopped with the stream
+
+
 def test_streamed_text_completion_ends_with_done(url, client):
     with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": QUESTIONS[1], "stream": True}) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
