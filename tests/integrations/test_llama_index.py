@@ -24,7 +24,10 @@ from regrad_engine.data import read_corpus  # noqa: E402
 from regrad_engine.errors import RequestError  # noqa: E402
 from regrad_engine.retrieval import Hit  # noqa: E402
 from regrad_integrations._registry import registry_for  # noqa: E402
+import regrad_integrations.llama_index  # noqa: E402
 from regrad_integrations.llama_index import (  # noqa: E402
+    NoDocumentsWarning,
+    OnTheFlyWarning,
     ReGradLLM,
     ReGradQueryEngine,
     ReGradRetriever,
@@ -42,6 +45,8 @@ QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau base
              "What does Velmora Quistan play?", "Where does the Fudral Bureau sell?",
              "What sport is popular in Ailpelou?", "What jumps over the lazy dog?"]
 MODES = ("parametric", "hybrid")
+# Every pipeline here must hand its nodes to the LLM: a parametric call without any fails the test.
+pytestmark = pytest.mark.filterwarnings("error::regrad_integrations.llama_index.NoDocumentsWarning")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,11 @@ def index():
     return make_index()
 
 
+@pytest.fixture(scope="module")
+def banked_index():
+    return make_index(IN_BANK)
+
+
 class Spy:
     """Records every engine.complete / stream_message call: (message or conversation,
     document ids), and every on-the-fly gradient computation."""
@@ -140,6 +150,12 @@ class FixedRetriever(BaseRetriever):
 
     def _retrieve(self, query_bundle):
         return [NodeWithScore(node=TextNode(id_=i, text=t), score=s) for i, t, s in self.NODES]
+
+
+def test_public_api_is_pinned():
+    assert sorted(regrad_integrations.llama_index.__all__) == [
+        "NoDocumentsWarning", "OnTheFlyWarning", "ReGradLLM", "ReGradQueryEngine", "ReGradRetriever", "write_corpus"]
+    assert issubclass(NoDocumentsWarning, UserWarning) and issubclass(OnTheFlyWarning, UserWarning)
 
 
 def retrieved_ids(engine, question):
@@ -282,8 +298,8 @@ def test_unrelated_query_engines_in_threads_and_tasks_keep_their_own_nodes(engin
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("response_mode", ["compact", "refine", "tree_summarize"])
-def test_response_modes_give_every_call_all_the_querys_gradients(engine, index, spy, mode, response_mode):
-    query_engine = index.as_query_engine(llm=ReGradLLM(engine=engine, mode=mode), similarity_top_k=3,
+def test_response_modes_give_every_call_all_the_querys_gradients(engine, banked_index, spy, mode, response_mode):
+    query_engine = banked_index.as_query_engine(llm=ReGradLLM(engine=engine, mode=mode), similarity_top_k=3,
                                          response_mode=response_mode)
     response = query_engine.query(QUESTIONS[0])
     ids = [n.node.ref_doc_id for n in response.source_nodes]
@@ -339,7 +355,7 @@ def test_chat_keeps_the_roles_and_every_path_agrees(engine, spy):
 
 
 def test_parametric_call_without_documents_warns_or_raises_when_strict(engine):
-    with pytest.warns(UserWarning, match="no documents"):
+    with pytest.warns(NoDocumentsWarning, match="no documents"):
         assert isinstance(ReGradLLM(engine=engine).complete("Where was Velmora Quistan born?").text, str)
     with pytest.raises(RequestError, match="no documents"):
         ReGradLLM(engine=engine, strict=True).complete("Where was Velmora Quistan born?")
@@ -353,14 +369,14 @@ def test_parametric_call_without_documents_warns_or_raises_when_strict(engine):
 def test_most_gradients_on_the_fly_warns_once_per_retriever_and_llm(engine, spy):
     index = make_index(with_ids=False)  # Document ids are random: nothing is found in the bank
     retriever = ReGradRetriever(engine, base_retriever=index.as_retriever(similarity_top_k=2))
-    with pytest.warns(UserWarning, match="computed on the fly") as caught:
+    with pytest.warns(OnTheFlyWarning, match="computed on the fly") as caught:
         retriever.retrieve(QUESTIONS[0])
     assert "id_fn" in str(caught[0].message) and "regrad build" in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         retriever.retrieve(QUESTIONS[1])  # once per retriever
     query_engine = index.as_query_engine(llm=ReGradLLM(engine=engine, mode="hybrid"), similarity_top_k=2)
-    with pytest.warns(UserWarning, match="ReGradLLM: 2 of 2 documents .* computed on the fly"):
+    with pytest.warns(OnTheFlyWarning, match="ReGradLLM: 2 of 2 documents .* computed on the fly"):
         query_engine.query(QUESTIONS[2])
     assert len(spy.computed) == 2
 
