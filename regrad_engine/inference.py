@@ -130,6 +130,7 @@ class ReGrad:
         context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self._context = context if isinstance(context, int) else None
         self._prompt_limit = None if max_prompt_tokens is None else check_k(max_prompt_tokens, "max_prompt_tokens")
+        self.store_dir: str | None = None  # the store this engine was opened from (set by Store.engine)
 
     # ------------------------------------------------------------ retrieval + gradients
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[Hit]]:

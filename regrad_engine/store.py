@@ -238,8 +238,10 @@ class Store:
         space = LoraSpace.attach(model.model, checkpoint.lora)
         bank = self.bank(self.binding(model, checkpoint))
         index = retriever if retriever is not None else self.index()
-        return ReGrad(model.model, model.tokenizer, space, checkpoint, retriever=index, bank=bank,
-                      doc_max_tokens=self.doc_max_tokens, **engine_kwargs)
+        engine = ReGrad(model.model, model.tokenizer, space, checkpoint, retriever=index, bank=bank,
+                        doc_max_tokens=self.doc_max_tokens, **engine_kwargs)
+        engine.store_dir = str(self.path.resolve())  # adapters serialise an engine as its store
+        return engine
 
     def delete(self, ids: Sequence[str], *, compact: bool = False) -> int:
         """Remove documents from the bank and the index: a chunk id removes that chunk, a

@@ -19,11 +19,8 @@ from langchain_core.runnables import ConfigurableField, RunnablePassthrough  # n
 from regrad_engine.errors import RequestError  # noqa: E402
 from regrad_engine.retrieval import Hit  # noqa: E402
 from regrad_integrations._registry import DocumentRegistry, registry_for  # noqa: E402
-from regrad_integrations.langchain import (  # noqa: E402
-    ReGradRetriever,
-    _stream_text,
-    regrad_langchain,
-)
+from regrad_integrations.langchain import NoDocumentsWarning, ReGradRetriever, regrad_langchain  # noqa: E402
+from regrad_integrations.langchain._base import stream_text as _stream_text  # noqa: E402
 from tests.integrations.conftest import DOCS, QUESTIONS  # noqa: E402
 
 TEMPLATE = "Context:\n{context}\n\nQuestion: {question}\nAnswer briefly."
@@ -124,13 +121,13 @@ def test_parametric_hides_the_passages_and_hybrid_shows_them(pair, model_inputs)
 
 def test_the_llm_applies_exactly_the_documents_its_retriever_returned(engine, pair, monkeypatch):
     llm, retriever = pair
-    calls, complete = [], engine.complete_batch
+    calls, complete, complete_batch = [], engine.complete, engine.complete_batch
 
     def spy(messages, documents, **kwargs):
         calls.append((list(messages), [[h.id for h in d] for d in documents]))
         return complete(messages, documents, **kwargs)
 
-    monkeypatch.setattr(engine, "complete_batch", spy)
+    monkeypatch.setattr(engine, "complete", spy)
     chain = rag_chain(retriever, llm)
     for question in QUESTIONS:
         recorder = Recorder()
@@ -141,17 +138,21 @@ def test_the_llm_applies_exactly_the_documents_its_retriever_returned(engine, pa
         assert docs == ids
         # the same request made by hand: the retriever's hits, the question without the passages
         hits = [Hit(i, DOCS[i], 0.0) for i in ids]
-        assert complete([message], [hits], gamma=1.0, max_new_tokens=MAX_NEW) == [answer]
+        assert complete_batch([message], [hits], gamma=1.0, max_new_tokens=MAX_NEW) == [answer]
     # gradients matter: the same prompt without the documents' gradients answers otherwise
-    plain = [complete([m[0]], [[]], max_new_tokens=MAX_NEW)[0] for m, _ in calls]
+    plain = [complete_batch([m[0]], [[]], max_new_tokens=MAX_NEW)[0] for m, _ in list(calls)]
     assert plain != [chain.invoke(q) for q in QUESTIONS]
 
 
 def test_a_prompt_without_retrieved_documents_runs_the_meta_learned_phi(engine, pair):
     llm, _ = pair
     prompt = "Question: What colour is the sky over Zorbania?"
-    result = llm.generate([prompt])
-    assert result.generations[0][0].generation_info == {"sources": [], "mode": "parametric"}
+    with pytest.warns(NoDocumentsWarning, match="no documents reached this call"):
+        result = llm.generate([prompt])
+    info = result.generations[0][0].generation_info
+    assert info["sources"] == [] and info["mode"] == "parametric" and info["finish_reason"] in ("stop", "length")
+    with pytest.raises(RequestError, match="strict=True makes this an error"):
+        llm.model_copy(update={"strict": True}).invoke(prompt)
     assert result.generations[0][0].text == engine.complete_batch([prompt], [[]], max_new_tokens=MAX_NEW)[0]
 
 
