@@ -6,7 +6,8 @@ with its parent. A :class:`ReGradRetriever` hands its documents to the runs abov
 LLM or chat model of the same invocation takes them from its nearest ancestor that holds
 some (:mod:`regrad_integrations._handoff`). Two invocations are two run trees, so they
 cannot see each other's documents, and nothing depends on how ``format_docs`` wrote them
-into the prompt. Documents retrieved outside any chain fall back to text matching.
+into the prompt. Only a call outside any chain falls back to text matching (documents a
+retriever returned outside any chain, found in the prompt).
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def hand_over(engine: object, parent_run_id: UUID | None, hits: Sequence[Hit]) -
 
 
 def handed_documents(parent_run_id: UUID | None) -> list[Hit] | None:
-    """The documents handed to this call's run tree (None: none, use the fallback)."""
-    return SCOPES.find(parent_run_id)
+    """The documents handed to this call through its run tree ([] in a tree that handed
+    none); None outside any chain, where text matching is the fallback."""
+    if not SCOPES.known(parent_run_id):
+        return None
+    return SCOPES.find(parent_run_id) or []
 
 
 def document_to_hit(doc: Document | Hit | str, id_key: str = "id") -> Hit:

@@ -68,3 +68,54 @@ def test_llama_index_query_engine_on_the_embedded_model(setup):
     query_engine.streaming = True
     streamed = query_engine.query(qas[3].question)
     assert "".join(streamed.response_gen).strip()
+
+
+try:
+    from langchain_tests.integration_tests import ChatModelIntegrationTests
+except ImportError:  # langchain-tests not installed: the standard suite is not collected
+    ChatModelIntegrationTests = object
+
+
+@pytest.mark.skipif(ChatModelIntegrationTests is object, reason="needs langchain-tests")
+class TestChatReGradIntegration(ChatModelIntegrationTests):
+    """langchain-tests' standard chat-model integration suite on the embedded model, with
+    the features ChatReGrad lacks declared (tools, images, audio, PDF, JSON mode). Hybrid
+    mode: the suite's calls come without documents, which parametric mode warns about."""
+
+    @pytest.fixture(autouse=True)
+    def _engine(self, setup):
+        self.engine = setup[0]
+
+    @property
+    def chat_model_class(self):
+        from regrad_integrations.langchain import ChatReGrad
+
+        return ChatReGrad
+
+    @property
+    def chat_model_params(self):
+        return {"engine": self.engine, "mode": "hybrid"}
+
+    @property
+    def standard_chat_model_params(self):
+        return {**super().standard_chat_model_params, "max_tokens": 24}  # CPU: short answers
+
+    @property
+    def has_tool_calling(self):
+        return False
+
+    @property
+    def has_structured_output(self):
+        return False  # JSON by instructions only: a 135M model does not follow a schema reliably
+
+    @property
+    def supports_json_mode(self):
+        return False
+
+    @property
+    def returns_usage_metadata(self):
+        return True
+
+    @property
+    def supported_usage_metadata_details(self):
+        return {"invoke": [], "stream": []}
