@@ -78,12 +78,14 @@ class TextStream(Iterator[str]):
     def __init__(self, pieces: Iterator[str]) -> None:
         self._pieces = pieces
         self.completion: Completion | None = None
+        self.cancelled = threading.Event()  # set by close(): generation stops at its next step
 
     def __next__(self) -> str:
         return next(self._pieces)
 
     def close(self) -> None:
         """Stop reading: generation stops at its next step."""
+        self.cancelled.set()
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
@@ -372,7 +374,7 @@ class ReGrad:
             rows = slice(start, start + self.batch_size)
             docs = [list(d) for d in documents[rows]]
             factors = (self.adapted_factors(docs, gammas if isinstance(gammas, float) else gammas[rows])
-                       if use_gradients else None)
+                       if use_gradients else self.phi)
             out += self._generate(messages[rows], factors, max_new_tokens=limits[rows], **generate_kwargs)
         return out
 
@@ -411,7 +413,11 @@ class ReGrad:
         """Generation in a worker thread, pieces yielded here (message and arguments checked);
         ``into.completion`` gets the text and counts at the end."""
         factors = self.adapted_factors([list(documents)], gamma)
-        streamer = _counting_streamer()(self.tokenizer, set(self._stop_ids))
+        streamer_class, cancel_class, criteria_list = _streaming_classes()
+        streamer = streamer_class(self.tokenizer, set(self._stop_ids))
+        if into is not None:  # a closed stream stops generating, not only yielding
+            generate_kwargs["stopping_criteria"] = criteria_list([*generate_kwargs.get("stopping_criteria", ()),
+                                                                  cancel_class(into.cancelled)])
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -437,8 +443,8 @@ class ReGrad:
 
 
 @functools.cache
-def _counting_streamer() -> type:
-    from transformers import TextIteratorStreamer  # on first use: importing the engine stays light
+def _streaming_classes() -> tuple[type, type, type]:
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer  # on first use
 
     class CountingStreamer(TextIteratorStreamer):
         """Text pieces as generated (prompt and special tokens skipped), counting the tokens."""
@@ -453,4 +459,13 @@ def _counting_streamer() -> type:
                 self.stopped = self.stopped or any(int(t) in self.stop_ids for t in value.reshape(-1).tolist())
             super().put(value)
 
-    return CountingStreamer
+    class Cancelled(StoppingCriteria):
+        """Every row stops once ``event`` is set."""
+
+        def __init__(self, event: threading.Event) -> None:
+            self.event = event
+
+        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return CountingStreamer, Cancelled, StoppingCriteriaList

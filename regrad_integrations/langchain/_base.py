@@ -20,11 +20,9 @@ from contextvars import ContextVar
 from typing import Any
 from uuid import UUID
 
-import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.tracers.context import register_configure_hook
-from transformers import StoppingCriteria
 
 from regrad_engine.errors import RequestError, check_gamma, check_mode
 from regrad_engine.prompts import with_passages
@@ -167,16 +165,6 @@ def call_options(kwargs: Mapping[str, Any], mode: str, gamma: float, max_new_tok
     if new is not None:
         options["max_new_tokens"] = new
     return mode, gamma, options
-
-
-class Cancel(StoppingCriteria):
-    """Stops generating once the reader stops reading (stop sequence met, stream closed)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _first_stop(text: str, stop: Sequence[str] | None) -> int | None:

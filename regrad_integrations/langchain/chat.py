@@ -15,13 +15,11 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, Field, model_validator
-from transformers import StoppingCriteriaList
 
 from regrad_engine.errors import RequestError
 from regrad_engine.inference import ReGrad
 from regrad_engine.retrieval.base import Hit
 from regrad_integrations.langchain._base import (
-    Cancel,
     call_options,
     check_engine_or_store,
     cut_at_stop,
@@ -166,8 +164,6 @@ class ChatReGrad(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         engine, mode, gamma, options, turns, hits = self._request(messages, run_manager, kwargs)
-        cancel = Cancel()  # stops generating once we stop reading (stop sequence, closed stream)
-        options["stopping_criteria"] = StoppingCriteriaList([*options.get("stopping_criteria", ()), cancel])
         pieces = engine.stream_message(turns, hits, gamma=gamma, **options)
         text = ""
         try:
@@ -178,8 +174,7 @@ class ChatReGrad(BaseChatModel):
                     run_manager.on_llm_new_token(piece, chunk=chunk)
                 yield chunk
         finally:
-            cancel.event.set()
-            pieces.close()
+            pieces.close()  # generation stops at its next step (stop sequence met, stream closed)
         done = pieces.completion  # None when a stop sequence ended the stream early
         prompt_tokens = done.prompt_tokens if done else engine.count_tokens(turns)
         output_tokens = done.completion_tokens if done else len(self.get_token_ids(text))

@@ -10,11 +10,9 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.llms import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field, PrivateAttr, model_validator
-from transformers import StoppingCriteriaList
 
 from regrad_engine.inference import ReGrad
 from regrad_integrations.langchain._base import (
-    Cancel,
     call_options,
     check_engine_or_store,
     cut_at_stop,
@@ -144,8 +142,6 @@ class ReGradLLM(BaseLLM):
         explicit = explicit_documents(options.pop("documents", None))
         handed = explicit if explicit is not None else handed_documents(getattr(run_manager, "parent_run_id", None))
         turns, hits = prepare(engine, [{"role": "user", "content": prompt}], mode, handed, strict=self.strict)
-        cancel = Cancel()  # stops generating once we stop reading (stop sequence, closed stream)
-        options["stopping_criteria"] = StoppingCriteriaList([*options.get("stopping_criteria", ()), cancel])
         pieces = engine.stream_message(turns[0]["content"] if len(turns) == 1 else turns, hits, gamma=gamma,
                                        **options)
         info: dict | None = generation_info(hits, mode, None)
@@ -157,7 +153,6 @@ class ReGradLLM(BaseLLM):
                     run_manager.on_llm_new_token(text, chunk=chunk)
                 yield chunk
         finally:
-            cancel.event.set()
-            pieces.close()
+            pieces.close()  # generation stops at its next step (stop sequence met, stream closed)
         if info is not None:  # empty answer: still report the sources
             yield GenerationChunk(text="", generation_info=info)

@@ -1,9 +1,10 @@
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from regrad_engine.errors import RequestError
 from regrad_engine.models import parameter_hash
@@ -194,3 +195,21 @@ def test_a_stream_reports_the_same_completion_as_complete(engine):
     text = "".join(stream)
     assert stream.completion == engine.complete([QUESTIONS[0]], [docs], max_new_tokens=6)[0]
     assert text.strip() == stream.completion.text
+
+
+def test_closing_a_stream_stops_its_generation(engine):
+    seen = []
+
+    class Count:  # a logits processor that counts the steps generated
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.shape[1])
+            return scores
+
+    stream = engine.stream_message(QUESTIONS[0], [], max_new_tokens=400, logits_processor=LogitsProcessorList([Count()]),
+                                   min_new_tokens=400)
+    next(stream)
+    stream.close()
+    time.sleep(0.5)
+    steps = len(seen)
+    time.sleep(0.5)
+    assert steps == len(seen) < 400  # stopped early, and nothing more runs
