@@ -17,6 +17,14 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
+class NoDocumentsWarning(UserWarning):
+    """A parametric call received no documents: it answers from the meta-learned model alone."""
+
+
+class OnTheFlyWarning(UserWarning):
+    """Most of a query's gradients are not in the bank: each is computed now (slow)."""
+
+
 DEFAULT_MAX_RUNS = 100_000  # live runs remembered; a run that never reports its end is dropped oldest first
 
 

@@ -23,7 +23,7 @@ except ImportError as err:  # pragma: no cover - exercised with langchain-core h
 from typing import Literal
 
 from regrad_engine.inference import ReGrad
-from regrad_integrations.langchain._base import NoDocumentsWarning
+from regrad_integrations._handoff import NoDocumentsWarning
 from regrad_integrations.langchain.chat import ChatReGrad
 from regrad_integrations.langchain.llm import ReGradLLM
 from regrad_integrations.langchain.retriever import ReGradRetriever

@@ -27,14 +27,10 @@ from langchain_core.tracers.context import register_configure_hook
 from regrad_engine.errors import RequestError, check_gamma, check_mode
 from regrad_engine.prompts import with_passages
 from regrad_engine.retrieval.base import Hit
-from regrad_integrations._handoff import RunScopes
+from regrad_integrations._handoff import NoDocumentsWarning, RunScopes
 from regrad_integrations._registry import prompt_documents, registry_for
 
 SCOPES = RunScopes()
-
-
-class NoDocumentsWarning(UserWarning):
-    """A parametric call received no documents: it answers without any document's knowledge."""
 
 
 class _RunTree(BaseCallbackHandler):

@@ -17,17 +17,10 @@ from typing import Any
 from llama_index.core.schema import BaseNode, NodeWithScore, TextNode
 
 from regrad_engine.retrieval.base import Hit
+from regrad_integrations._handoff import NoDocumentsWarning, OnTheFlyWarning  # noqa: F401 (re-exported)
 
 IdFn = Callable[[BaseNode], str]
 ID_KEY = "regrad_id"  # metadata a ReGradRetriever puts on foreign nodes: their id in the bank
-
-
-class NoDocumentsWarning(UserWarning):
-    """A parametric call found no documents: the answer comes from the meta-learned model alone."""
-
-
-class OnTheFlyWarning(UserWarning):
-    """Most of a query's gradients are not in the bank: each is computed now (slow)."""
 
 
 def hit_to_node(hit: Hit) -> NodeWithScore:
