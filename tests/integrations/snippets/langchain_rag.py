@@ -1,25 +1,26 @@
-"""README, LangChain section: the usual RAG chain, with ReGrad's retriever and LLM swapped in."""
+"""README, LangChain section: the usual RAG chain on a chat model, with ReGrad's retriever and model swapped in."""
 
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnablePassthrough
 
-from regrad_integrations.langchain import regrad_langchain
+from regrad_integrations.langchain import ChatReGrad, ReGradRetriever
 
 
 def format_docs(docs):
     return "\n\n".join(doc.page_content for doc in docs)
 
 
-def build_chain(engine):
+def build_chain(engine, mode="parametric"):
     """engine = regrad_engine.open_engine("my-store"), built with `regrad build`."""
-    llm, retriever = regrad_langchain(engine, mode="parametric", k=3)
+    retriever = ReGradRetriever(engine=engine, k=3)  # or base_retriever=your_retriever
+    chat = ChatReGrad(engine=engine, mode=mode)
     prompt = ChatPromptTemplate.from_template(
         "Context:\n{context}\n\nQuestion: {question}\nAnswer with a short phrase only."
     )
-    # In parametric mode the model never reads {context}: the passages reach it as
-    # gradients. Use llm.bind(mode="hybrid") to give it both.
-    return {"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | llm | StrOutputParser()
+    # The retriever hands its documents to the model of the same invocation. parametric: the
+    # model never reads {context}, the passages reach it as gradients; hybrid: both.
+    return {"context": retriever | format_docs, "question": RunnablePassthrough()} | prompt | chat | StrOutputParser()
 
 
 # chain = build_chain(engine)
