@@ -216,6 +216,31 @@ def engine_of(store: str) -> Any:
         return _engines[key]
 
 
+class EngineBound:
+    """What ReGrad's LangChain models share: an engine given, or opened from ``store`` on
+    first use; serialisable as that store; the engine's own tokenizer for token counts."""
+
+    engine: Any
+    store: str | None
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["regrad_integrations", "langchain"]
+
+    @property
+    def regrad_engine(self) -> Any:
+        """The engine (opened from ``store`` on first use if none was given)."""
+        return self.engine if self.engine is not None else engine_of(self.store)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids by the engine's own tokenizer (no download)."""
+        return self.regrad_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def check_engine_or_store(engine: Any, store: str | None) -> str | None:
     """The store to record for serialisation; an error if neither is given."""
     if engine is None and store is None:

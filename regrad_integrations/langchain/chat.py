@@ -9,10 +9,21 @@ from typing import Any, Literal
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    ToolMessage,
+)
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import (
+    Runnable,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+)
 from langchain_core.utils.function_calling import convert_to_json_schema
 from pydantic import BaseModel, Field, model_validator
 
@@ -20,11 +31,11 @@ from regrad_engine.errors import RequestError
 from regrad_engine.inference import ReGrad
 from regrad_engine.retrieval.base import Hit
 from regrad_integrations.langchain._base import (
+    EngineBound,
     call_options,
     check_engine_or_store,
     cut_at_stop,
     document_to_hit,
-    engine_of,
     explicit_documents,
     handed_documents,
     prepare,
@@ -37,7 +48,7 @@ _CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "ai": 
                "tool": "tool"}
 
 
-class ChatReGrad(BaseChatModel):
+class ChatReGrad(EngineBound, BaseChatModel):
     """A chat model over a ReGrad engine: the message list rendered with the model's own
     chat template (roles kept), answered with the gradients of the call's documents.
 
@@ -82,19 +93,6 @@ class ChatReGrad(BaseChatModel):
         track_runs()
         return self
 
-    @classmethod
-    def is_lc_serializable(cls) -> bool:
-        return True
-
-    @classmethod
-    def get_lc_namespace(cls) -> list[str]:
-        return ["regrad_integrations", "langchain"]
-
-    @property
-    def regrad_engine(self) -> ReGrad:
-        """The engine (opened from ``store`` on first use if none was given)."""
-        return self.engine if self.engine is not None else engine_of(self.store)
-
     @property
     def model_name(self) -> str:
         engine = self.engine
@@ -121,10 +119,6 @@ class ChatReGrad(BaseChatModel):
         return params
 
     # ------------------------------------------------------------ tokens
-    def get_token_ids(self, text: str) -> list[int]:
-        """Token ids by the engine's own tokenizer (no download)."""
-        return self.regrad_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence | None = None) -> int:
         """Tokens of the prompt the model reads for these messages (chat template included)."""
         if tools:

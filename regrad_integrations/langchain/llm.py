@@ -13,10 +13,10 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from regrad_engine.inference import ReGrad
 from regrad_integrations.langchain._base import (
+    EngineBound,
     call_options,
     check_engine_or_store,
     cut_at_stop,
-    engine_of,
     explicit_documents,
     generation_info,
     handed_documents,
@@ -30,7 +30,7 @@ from regrad_integrations.langchain._base import (
 _run_managers: ContextVar[list | None] = ContextVar("regrad_llm_run_managers", default=None)
 
 
-class ReGradLLM(BaseLLM):
+class ReGradLLM(EngineBound, BaseLLM):
     """Text-completion LLM that answers with the gradients of its call's documents.
 
     The documents are those a :class:`ReGradRetriever` returned in the same invocation
@@ -69,19 +69,6 @@ class ReGradLLM(BaseLLM):
         track_runs()
         return self
 
-    @classmethod
-    def is_lc_serializable(cls) -> bool:
-        return True
-
-    @classmethod
-    def get_lc_namespace(cls) -> list[str]:
-        return ["regrad_integrations", "langchain"]
-
-    @property
-    def regrad_engine(self) -> ReGrad:
-        """The engine (opened from ``store`` on first use if none was given)."""
-        return self.engine if self.engine is not None else engine_of(self.store)
-
     @property
     def _llm_type(self) -> str:
         return "regrad"
@@ -93,10 +80,6 @@ class ReGradLLM(BaseLLM):
             self._fingerprint = engine.meta.fingerprint()
         return {"model_name": engine.meta.base_model, "meta_fingerprint": self._fingerprint,
                 "mode": self.mode, "gamma": self.gamma, "max_new_tokens": self.max_new_tokens}
-
-    def get_token_ids(self, text: str) -> list[int]:
-        """Token ids by the engine's own tokenizer (no download)."""
-        return self.regrad_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _generate_helper(self, prompts: list[str], stop: list[str] | None, run_managers: list, **kwargs: Any
                          ) -> LLMResult:

@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForRetrieverRun,
+)
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import Field
@@ -14,7 +17,12 @@ from pydantic import Field
 from regrad_engine.errors import check_k
 from regrad_engine.inference import ReGrad
 from regrad_engine.retrieval.base import Hit
-from regrad_integrations.langchain._base import document_to_hit, hand_over, hit_to_document, track_runs
+from regrad_integrations.langchain._base import (
+    document_to_hit,
+    hand_over,
+    hit_to_document,
+    track_runs,
+)
 
 
 class ReGradRetriever(BaseRetriever):
