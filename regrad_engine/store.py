@@ -334,23 +334,8 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
     """
     checkpoint = MetaCheckpoint.load(meta_path)
     checkpoint.check_base(model.fingerprint, model.name)
-    if index is not None and reuse_index:
-        missing = index.missing([c.id for c in chunks])
-        if missing:
-            raise RetrievalError(
-                f"{len(missing)} of {len(chunks)} chunks are not in {index} "
-                f"(e.g. {missing[:3]}): drop --reuse-index to index them, or check --id-field and --chunk-tokens "
-                f"(a document longer than one chunk becomes chunks <id>#0, <id>#1, ...)")
-    spec = index.info() if index is not None else {"type": BM25Index.kind}
-    opened = Store.open_or_create(store, model_name=model.name, meta_path=meta_path, doc_max_tokens=doc_max_tokens,
-                                  retriever=spec)
-    if opened.doc_max_tokens != doc_max_tokens:
-        raise StoreError(f"store {store} uses chunks of {opened.doc_max_tokens} tokens, not {doc_max_tokens}")
-    if opened.retriever["type"] != spec["type"]:
-        raise StoreError(f"store {store} is searched with {opened.retriever['type']}, not {spec['type']}: "
-                         "use a new --store")
-    if opened.retriever != spec:  # e.g. the server moved: the last build wins
-        opened.set_retriever(spec)
+    opened = open_for_build(store, chunks, model_name=model.name, meta_path=meta_path, doc_max_tokens=doc_max_tokens,
+                            index=index, reuse_index=reuse_index)
     space = LoraSpace.attach(model.model, checkpoint.lora)
     with opened.bank(opened.binding(model, checkpoint), shapes=space.shapes, storage_dtype=storage_dtype,
                      worker=worker, num_workers=num_workers, shard_size=flush_every) as bank:
@@ -359,7 +344,41 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
                               doc_max_tokens=doc_max_tokens, batch_size=batch_size, overwrite=overwrite,
                               worker=worker, num_workers=num_workers, progress=progress)
         if worker == 0 and not reuse_index:  # still under the bank's writer lock
-            target = index if index is not None else BM25Index.open_or_create(opened.path / "index")
-            target.add(chunks)
-            target.save()
+            write_index(opened, chunks, index)
     return stats
+
+
+def open_for_build(store: str | Path, chunks: Sequence[Chunk], *, model_name: str, meta_path: str,
+                   doc_max_tokens: int, index: DocumentIndex | None = None, reuse_index: bool = False) -> Store:
+    """Open (or create) the store a build writes, after checking it suits this build.
+
+    Raises:
+        StoreError: The store was built with another chunk size or index backend.
+        RetrievalError: With ``reuse_index``, chunks missing from ``index``.
+    """
+    if index is not None and reuse_index:
+        missing = index.missing([c.id for c in chunks])
+        if missing:
+            raise RetrievalError(
+                f"{len(missing)} of {len(chunks)} chunks are not in {index} "
+                f"(e.g. {missing[:3]}): drop --reuse-index to index them, or check --id-field and --chunk-tokens "
+                f"(a document longer than one chunk becomes chunks <id>#0, <id>#1, ...)")
+    spec = index.info() if index is not None else {"type": BM25Index.kind}
+    opened = Store.open_or_create(store, model_name=model_name, meta_path=meta_path, doc_max_tokens=doc_max_tokens,
+                                  retriever=spec)
+    if opened.doc_max_tokens != doc_max_tokens:
+        raise StoreError(f"store {store} uses chunks of {opened.doc_max_tokens} tokens, not {doc_max_tokens}")
+    if opened.retriever["type"] != spec["type"]:
+        raise StoreError(f"store {store} is searched with {opened.retriever['type']}, not {spec['type']}: "
+                         "use a new --store")
+    if opened.retriever != spec:  # e.g. the server moved: the last build wins
+        opened.set_retriever(spec)
+    return opened
+
+
+def write_index(store: Store, chunks: Sequence[Chunk], index: DocumentIndex | None = None) -> None:
+    """Add the chunks to ``index`` (default: the store's embedded BM25 index) and save it; call it
+    holding the bank's writer lock, so bank and index are written by one writer."""
+    target = index if index is not None else BM25Index.open_or_create(store.path / "index")
+    target.add(chunks)
+    target.save()
