@@ -34,17 +34,24 @@ SCOPES = RunScopes()
 
 
 class _RunTree(BaseCallbackHandler):
-    """Records where chain and tool runs sit in their run tree (for the hand-off)."""
+    """Records where chain, tool and retriever runs sit in their run tree (for the hand-off).
 
-    run_inline = True  # in order, in the caller's thread: the tree is complete before the LLM starts
+    Not ``run_inline``: langchain-core would then send async LLM events to inline handlers
+    only, starving every other handler (``astream_events``, tracers) of them. Async
+    managers await every handler before the run goes on, so the tree is still complete
+    before the model starts."""
 
     def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
                        **kwargs: Any) -> None:
-        SCOPES.started(run_id, parent_run_id)
+        SCOPES.started(run_id, parent_run_id, boundary=_is_sequence(serialized, kwargs))
 
     def on_tool_start(self, serialized: Any, input_str: str, *, run_id: UUID, parent_run_id: UUID | None = None,
                       **kwargs: Any) -> None:
         SCOPES.started(run_id, parent_run_id)
+
+    def on_retriever_start(self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None,
+                           **kwargs: Any) -> None:
+        SCOPES.started(run_id, parent_run_id)  # a retriever wrapping a ReGradRetriever hands on its documents
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         SCOPES.ended(run_id)
@@ -57,6 +64,19 @@ class _RunTree(BaseCallbackHandler):
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         SCOPES.ended(run_id)
+
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        SCOPES.ended(run_id)
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        SCOPES.ended(run_id)
+
+
+def _is_sequence(serialized: Any, kwargs: Mapping[str, Any]) -> bool:
+    """A chain (``RunnableSequence``, ``prompt | model | parser``): a model inside it takes
+    the documents of its own chain, never those of a chain run beside it."""
+    ids = serialized.get("id") if isinstance(serialized, Mapping) else None
+    return (bool(ids) and ids[-1] == "RunnableSequence") or kwargs.get("name") == "RunnableSequence"
 
 
 _run_tree = ContextVar("regrad_run_tree", default=_RunTree())

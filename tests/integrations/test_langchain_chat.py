@@ -299,3 +299,55 @@ class TestChatReGradUnit(ChatModelUnitTests):
                               "test_models_serialise_by_store_path", strict=True)
     def test_serdes(self, model, snapshot):
         super().test_serdes(model, snapshot)
+
+
+def test_other_models_keep_their_async_callback_events(engine):
+    from langchain_core.language_models.fake import FakeStreamingListLLM
+    from langchain_core.prompts import PromptTemplate
+
+    ChatReGrad(engine=engine)  # installs the run-tree handler for every run from now on
+
+    async def events():
+        chain = PromptTemplate.from_template("Q: {q}") | FakeStreamingListLLM(responses=["abc def"])
+        return [e["event"] async for e in chain.astream_events({"q": "x"}, version="v2")]
+
+    kinds = asyncio.run(events())
+    assert "on_llm_start" in kinds and "on_llm_end" in kinds
+
+
+class _Empty(BaseRetriever):
+    def _get_relevant_documents(self, query, *, run_manager):
+        return []
+
+
+def test_chains_side_by_side_in_one_invocation_keep_their_own_documents(engine, chat, model_inputs):
+    from langchain_core.runnables import RunnableLambda
+
+    def fmt(docs):
+        return "\n\n".join(d.page_content for d in docs)
+
+    prompt = ChatPromptTemplate.from_template(TEMPLATE)
+    rag = {"context": ReGradRetriever(engine=engine, k=2) | fmt, "question": RunnablePassthrough()} | prompt | chat
+    found_none = ({"context": ReGradRetriever(engine=engine, k=2, base_retriever=_Empty()) | fmt,
+                   "question": RunnablePassthrough()} | prompt | chat)
+    plain = ChatPromptTemplate.from_template("Say hi to {q}") | chat
+    for other in (RunnableLambda(lambda q: plain.invoke({"q": q})), found_none):
+        both = RunnableLambda(lambda q, other=other: {"a": rag.invoke(q), "b": other.invoke(q)})
+        model_inputs.clear()
+        with pytest.warns(NoDocumentsWarning):
+            out = both.invoke(QUESTIONS[0])
+        assert out["a"].response_metadata["sources"] != [] and out["b"].response_metadata["sources"] == []
+    assert len(SCOPES) == 0
+
+
+def test_a_retriever_wrapping_a_regrad_retriever_hands_on_its_documents(engine, chat, model_inputs):
+    class Wrapper(BaseRetriever):  # what compression, ensemble and multi-query retrievers do
+        inner: BaseRetriever
+
+        def _get_relevant_documents(self, query, *, run_manager):
+            return self.inner.invoke(query, config={"callbacks": run_manager.get_child()})
+
+    inner = ReGradRetriever(engine=engine, k=2)
+    chain_of(Wrapper(inner=inner), chat, FORMATS["collapsed"]).invoke(QUESTIONS[0])
+    assert model_inputs[-1][1] == [d.id for d in inner.invoke(QUESTIONS[0])]
+    assert len(SCOPES) == 0
