@@ -113,13 +113,21 @@ class DynamicBatcher:
                 if first is _STOP:
                     return
                 batch, stop = self._collect(first)
-                self._complete(batch)
+                batch = [(job, future) for job, future in batch if future.set_running_or_notify_cancel()]
+                if batch:  # (a request whose caller gave up was cancelled: it is skipped)
+                    try:
+                        self._complete(batch)
+                    except BaseException as err:  # the worker must outlive any one batch
+                        logger.exception("batch worker: a batch failed outside generation")
+                        for _, future in batch:
+                            if not future.done():
+                                future.set_exception(err)
                 if stop:
                     return
         finally:  # jobs that raced close() are told so, never left waiting
             while not self._queue.empty():
                 item = self._queue.get_nowait()
-                if item is not _STOP:
+                if item is not _STOP and item[1].set_running_or_notify_cancel():
                     item[1].set_exception(RegradError("the server is shutting down: send the request again later"))
 
     def _collect(self, first) -> tuple[list, bool]:

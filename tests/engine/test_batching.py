@@ -74,3 +74,15 @@ def test_close_answers_the_queue_then_refuses(engine):
 def test_bad_settings_are_refused(engine, kwargs, message):
     with pytest.raises(RegradError, match=message):
         DynamicBatcher(engine, **kwargs)
+
+
+def test_a_cancelled_request_is_skipped_and_the_worker_keeps_serving(engine):
+    batcher = DynamicBatcher(engine, max_wait_ms=0)
+    first, second = jobs(engine)[:2]
+    given_up = batcher.submit(first)
+    assert given_up.cancel()  # the caller gave up before the worker took it (e.g. a timeout)
+    kept = batcher.submit(second)
+    batcher.start()
+    assert kept.result(timeout=60) == answer_alone(engine, second)
+    assert batcher.running and batcher.submit(first).result(timeout=60) == answer_alone(engine, first)
+    batcher.close()
