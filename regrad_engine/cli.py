@@ -5,6 +5,7 @@
     regrad train  --data data/general --out runs/meta --mode mixed   # stage 1: meta-learning
     regrad build  --corpus docs.jsonl --meta runs/meta/best --store runs/store
     regrad build  --elasticsearch URL --index docs --meta runs/meta/best --store runs/es  # an existing index
+    regrad build  --ray ADDRESS --corpus docs.jsonl --meta runs/meta/best --store /shared/store --device cuda
     regrad delete --store runs/store doc-17 doc-18      # remove documents (all their chunks)
     regrad merge  --store runs/store                    # after `build --worker i --num-workers n`
     regrad verify --store runs/store [--repair]         # check every checksum; drop what is damaged
@@ -99,11 +100,13 @@ def _cmd_build(args) -> int:
 
     if not args.meta or not (args.corpus or args.elasticsearch is not None):
         raise _usage("build needs --corpus FILE (or --elasticsearch URL --index NAME) and --meta CHECKPOINT")
+    if args.ray is not None and args.worker:
+        raise _usage("--ray runs every worker itself: drop --worker (--num-workers sets how many models run)")
     es = _elasticsearch_index(args)  # connect before loading the model, so a bad URL fails fast
     if args.corpus:
         docs = read_corpus(args.corpus)
-        model = _load(args.model, args.device, args.dtype, args.threads)
-        chunks = chunk_documents(docs, model.tokenizer, max_tokens=args.chunk_tokens)
+        tokenizer, model = _model_for_build(args)
+        chunks = chunk_documents(docs, tokenizer, max_tokens=args.chunk_tokens)
         print(f"{len(docs)} documents -> {len(chunks)} chunks of <= {args.chunk_tokens} tokens", flush=True)
     else:
         from regrad_engine.retrieval.elasticsearch import index_chunks
@@ -112,16 +115,50 @@ def _cmd_build(args) -> int:
         if not chunks:
             raise _usage(f"Elasticsearch index {es.index} at {es.url} has no documents with text in "
                          f"field {es.content_field!r}: pass --content-field or --corpus")
-        model = _load(args.model, args.device, args.dtype, args.threads)
+        tokenizer, model = _model_for_build(args)
         print(f"{len(chunks)} documents read from Elasticsearch index {es.index} at {es.url}; each is one chunk "
               f"(text past {args.chunk_tokens} tokens is not learned)", flush=True)
-    stats = build_store(args.store, chunks, model=model, meta_path=args.meta, doc_max_tokens=args.chunk_tokens,
-                        storage_dtype=args.storage_dtype, batch_size=args.batch_size, overwrite=args.update,
-                        worker=args.worker, num_workers=args.num_workers, index=es,
-                        reuse_index=es is not None and (args.reuse_index or not args.corpus))
+    reuse_index = es is not None and (args.reuse_index or not args.corpus)
+    if args.ray is not None:
+        stats = _build_on_ray(args, chunks, es, reuse_index)
+    else:
+        stats = build_store(args.store, chunks, model=model, meta_path=args.meta, doc_max_tokens=args.chunk_tokens,
+                            storage_dtype=args.storage_dtype, batch_size=args.batch_size, overwrite=args.update,
+                            worker=args.worker, num_workers=args.num_workers or 1, index=es, reuse_index=reuse_index)
     print(f"added {stats.added} gradients ({stats.ms_per_document:.0f} ms/document; {stats.changed} of them replace "
           f"gradients of documents whose text changed), {stats.skipped} already in the bank; store: {args.store}")
     return 0
+
+
+def _model_for_build(args):
+    """(tokenizer, model): a Ray build loads the model in its actors only, the driver just the tokenizer."""
+    if args.ray is None:
+        model = _load(args.model, args.device, args.dtype, args.threads)
+        return model.tokenizer, model
+    from regrad_engine.ray_build import ModelSpec
+
+    return ModelSpec(args.model).tokenizer(), None
+
+
+def _build_on_ray(args, chunks, es, reuse_index):
+    """`regrad build --ray [ADDRESS]`: connect (bare --ray: $RAY_ADDRESS, a cluster started on this
+    machine, else a new local one), build with one actor per GPU (--device cuda) or per --threads CPUs."""
+    try:
+        import ray
+
+        from regrad_engine.ray_build import ModelSpec, build_store_ray
+    except ImportError as err:
+        raise _usage(f"--ray needs Ray: pip install 'regrad[ray]' ({err})") from None
+    cuda = args.device.startswith("cuda")
+    spec = ModelSpec(args.model, device="cuda" if cuda else args.device, dtype=args.dtype, threads=args.threads)
+    ray.init(address=args.ray or None)
+    try:
+        return build_store_ray(args.store, chunks, loader=spec, meta_path=args.meta, doc_max_tokens=args.chunk_tokens,
+                               storage_dtype=args.storage_dtype, batch_size=args.batch_size, overwrite=args.update,
+                               workers=args.num_workers, cpus_per_worker=1 if cuda else args.threads or 1,
+                               gpus_per_worker=1 if cuda else 0, index=es, reuse_index=reuse_index)
+    finally:
+        ray.shutdown()
 
 
 def _elasticsearch_index(args):
@@ -423,7 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="recompute every gradient (documents whose text changed "
                    "are recomputed without it)")
     p.add_argument("--worker", type=int, default=0, help="this worker's index (distributed builds; then `regrad merge`)")
-    p.add_argument("--num-workers", dest="num_workers", type=int, default=1, help="number of build workers")
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=None,
+                   help="number of build workers (default 1; with --ray: models on the cluster, default one per GPU "
+                        "with --device cuda, else one per --threads CPUs)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="build on a Ray cluster (pip install 'regrad[ray]'): ADDRESS as `ray start --head` prints it "
+                        "(host:6379, or ray://host:10001); bare --ray: $RAY_ADDRESS, a cluster started on this "
+                        "machine, else a local one. The store must be a path every node sees")
     es = p.add_argument_group("Elasticsearch instead of the embedded BM25 index (credentials: ELASTICSEARCH_API_KEY, "
                               "or ELASTICSEARCH_USERNAME and ELASTICSEARCH_PASSWORD)")
     es.add_argument("--elasticsearch", nargs="?", const="", default=None, metavar="URL",
@@ -538,7 +581,7 @@ def _check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not isinstance(value, list):  # `ask` has a list of questions of that name
             check_k(value, "--" + name.replace("_", "-"))
-    if getattr(args, "device", None) is not None:
+    if getattr(args, "device", None) is not None and getattr(args, "ray", None) is None:  # Ray: the cluster's GPUs
         check_device(args.device)
 
 
