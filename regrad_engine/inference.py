@@ -72,8 +72,8 @@ class Completion:
 
 
 class TextStream(Iterator[str]):
-    """Answer pieces of one request as they are generated. Once they are exhausted,
-    ``completion`` holds the whole text and its token counts (None until then)."""
+    """Answer pieces of one request as they are generated. Once they are exhausted (or the
+    stream is closed), ``completion`` holds the text and its token counts (None until then)."""
 
     def __init__(self, pieces: Iterator[str]) -> None:
         self._pieces = pieces
@@ -148,8 +148,11 @@ class ReGrad:
         unique = list({h.id: h for h in hits}.values())
         for start in range(0, len(unique), batch_size):
             chunk = unique[start:start + batch_size]
-            docs = {k: v.to(self.device) for k, v in
-                    encode_documents(self.tokenizer, [h.text for h in chunk], self.doc_max_tokens).items()}
+            try:
+                encoded = encode_documents(self.tokenizer, [h.text for h in chunk], self.doc_max_tokens)
+            except ValueError as err:  # a blank or one-token document: the caller's to fix
+                raise RequestError(f"{err}: remove it from the documents or the corpus") from err
+            docs = {k: v.to(self.device) for k, v in encoded.items()}
             grads = document_gradients(self.model, self.space, self.phi, docs)
             for row, hit in enumerate(chunk):
                 out[hit.id] = {k: g[row].detach() for k, g in grads.items()}
@@ -227,6 +230,7 @@ class ReGrad:
         """Greedy, left-padded batched generation; ``max_new_tokens`` may differ per row (the
         batch runs to the longest and each row is cut at its own, as it would end alone)."""
         limits = self._limits(max_new_tokens, len(messages))
+        generate_kwargs = check_generate_options(generate_kwargs)
         batch = {k: v.to(self.device) for k, v in encode_messages(self.tokenizer, messages).items()}
         with self.space.activate(factors), torch.no_grad():
             output = self.model.generate(**batch, max_new_tokens=max(limits), do_sample=False, temperature=None,
@@ -279,6 +283,10 @@ class ReGrad:
             limit = self.prompt_limit(max_new_tokens if not isinstance(max_new_tokens, Sequence) else answer)
             if limit is None:
                 return
+            if limit < 1:
+                raise RequestError(f"an answer of {answer or max_new_tokens} tokens leaves no room for a prompt: this "
+                                   f"model reads {self._context} tokens in all; ask for at most "
+                                   f"{self._context - 1} new tokens")
             length = self.count_tokens(message)
             if length > limit:
                 raise RequestError(f"the prompt is {length} tokens; this engine reads at most {limit} "
@@ -430,16 +438,57 @@ class ReGrad:
         # The worker thread runs in a copy of this context (per-request state stays isolated).
         thread = threading.Thread(target=copy_context().run, args=(run,), daemon=True)
         thread.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield piece
+        text, finished = "", False
+        try:
+            for piece in streamer:
+                text += piece
+                yield piece
+            finished = True
+        finally:
+            if not finished and into is not None:  # closed early: what was generated so far
+                into.completion = Completion(text.strip(), self.count_tokens(message), streamer.generated, "stop")
         thread.join()
         if errors:
             raise errors[0]
         if into is not None:
             into.completion = Completion(text.strip(), self.count_tokens(message), streamer.generated,
                                          "stop" if streamer.stopped else "length")
+
+
+_SAMPLING = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "num_beams", "num_return_sequences",
+             "num_beam_groups", "penalty_alpha", "epsilon_cutoff", "eta_cutoff"}
+_FIXED = {"pad_token_id", "eos_token_id", "max_new_tokens", "input_ids", "attention_mask"}
+
+
+def check_generate_options(options: Mapping[str, object]) -> dict[str, object]:
+    """The options for ``model.generate``, less those that only restate greedy decoding;
+    a clear error for what the engine cannot honour: sampling (decoding is greedy), options
+    it sets itself, and names ``model.generate`` does not know."""
+    kept = {}
+    for name, value in options.items():
+        if (name == "temperature" and value in (None, 0, 0.0)) or (name == "do_sample" and value is False):
+            continue
+        if name in _SAMPLING:
+            raise RequestError(f"{name}={value!r} is not supported: decoding is greedy (one answer per prompt)")
+        if name in _FIXED:
+            raise RequestError(f"{name} is set by the engine: leave it out")
+        if name not in _GENERATE_ARGS and name not in _generation_config_fields():
+            raise RequestError(f"unknown generation option {name!r}: pass options of transformers' "
+                               "model.generate (e.g. stopping_criteria, logits_processor, repetition_penalty)")
+        kept[name] = value
+    return kept
+
+
+@functools.cache
+def _generation_config_fields() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    return frozenset(vars(GenerationConfig()))
+
+
+_GENERATE_ARGS = {"logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn", "synced_gpus",
+                  "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "use_model_defaults",
+                  "custom_generate"}
 
 
 @functools.cache

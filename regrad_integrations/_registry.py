@@ -30,6 +30,7 @@ from regrad_engine.retrieval.base import Hit
 
 PREFIX_CHARS = 32
 MIN_PREFIX = 40  # a document cut short still matches by this many normalised characters
+MIN_CHARS = 20  # a shorter document is not looked for: as short a text is as likely the user's own words
 DEFAULT_MAX_ENTRIES = 10_000
 
 _ENTITY = re.compile(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
@@ -89,11 +90,12 @@ def locate(prompt: str, hits: Sequence[Hit]) -> tuple[list[tuple[int, int, Hit]]
     missing: list[Hit] = []
     for hit in hits:
         text = normalize(hit.text)[0].strip()
-        if not text:
+        if len(text) < MIN_CHARS:
+            missing.append(hit)
             continue
-        found = _occurrences(norm, text)
+        found = [m for m in _occurrences(norm, text) if _bounded(norm, m[0], m[0] + m[1])]
         if not found and len(text) > MIN_PREFIX:
-            found = _longest_prefix(norm, text)
+            found = [m for m in _longest_prefix(norm, text) if _bounded(norm, m[0], None)]
         if not found:
             missing.append(hit)
             continue
@@ -105,6 +107,14 @@ def locate(prompt: str, hits: Sequence[Hit]) -> tuple[list[tuple[int, int, Hit]]
                 begin, end = begin - 1, end + 1  # a quoted string (json.dumps, repr): the quotes go too
             spans.append((begin, end, hit))
     return sorted(spans, key=lambda span: span[0]), missing
+
+
+def _bounded(norm: str, start: int, end: int | None) -> bool:
+    """Whether a match starts (and, with ``end``, ends) at a word boundary: never inside a word."""
+    def inner(i: int) -> bool:
+        return 0 <= i < len(norm) and norm[i].isalnum()
+
+    return not (inner(start - 1) and inner(start)) and (end is None or not (inner(end - 1) and inner(end)))
 
 
 def _occurrences(norm: str, text: str) -> list[tuple[int, int]]:
@@ -154,7 +164,7 @@ class DocumentRegistry:
         with self._lock:
             for hit in hits:
                 text = normalize(hit.text)[0].strip()
-                if not text:
+                if len(text) < MIN_CHARS:
                     continue
                 if text not in self._hits:
                     self._index(text)
@@ -176,12 +186,13 @@ class DocumentRegistry:
         with self._lock:
             for start in range(len(norm) - PREFIX_CHARS + 1):
                 for text in self._by_prefix.get(norm[start:start + PREFIX_CHARS], ()):
-                    if norm.startswith(text, start):
+                    if norm.startswith(text, start) and _bounded(norm, start, start + len(text)):
                         found.append((start, start + len(text), text))
             for text in self._short:
                 start = norm.find(text)
                 while start != -1:
-                    found.append((start, start + len(text), text))
+                    if _bounded(norm, start, start + len(text)):
+                        found.append((start, start + len(text), text))
                     start = norm.find(text, start + 1)
             hits = {text: self._hits[text] for _, _, text in found}
             for text in hits:
@@ -209,7 +220,8 @@ class DocumentRegistry:
         for text in {prompt[start:end] for start, end in ranges}:  # repeated copies as well
             start = prompt.find(text)
             while start != -1:
-                ranges.append((start, start + len(text)))
+                if _bounded(prompt, start, start + len(text)):
+                    ranges.append((start, start + len(text)))
                 start = prompt.find(text, start + len(text))
         pieces, pos = [], 0
         for start, end in sorted(ranges):

@@ -115,9 +115,13 @@ def document_to_hit(doc: Document | Hit | str, id_key: str = "id") -> Hit:
     if isinstance(doc, Hit):
         return doc
     if isinstance(doc, str):
+        if not doc.strip():
+            raise RequestError("a document given as text is blank: leave it out")
         return Hit(id=hashlib.sha1(doc.encode()).hexdigest(), text=doc, score=0.0)
     if not isinstance(doc, Document):
         raise RequestError(f"documents must be LangChain Documents or strings, got {type(doc).__name__}")
+    if not doc.page_content.strip():
+        raise RequestError(f"document {doc.id or doc.metadata.get(id_key)!r} has no text: leave it out")
     doc_id = doc.metadata.get(id_key) or doc.id or hashlib.sha1(doc.page_content.encode()).hexdigest()
     score = doc.metadata.get("score", 0.0)
     return Hit(id=str(doc_id), text=doc.page_content,
@@ -183,8 +187,12 @@ def call_options(kwargs: Mapping[str, Any], mode: str, gamma: float, max_new_tok
     return mode, gamma, options
 
 
-def _first_stop(text: str, stop: Sequence[str] | None) -> int | None:
-    found = [i for s in stop or () if s and (i := text.find(s)) != -1]
+def _stops(stop: Sequence[str] | str | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else [s for s in stop or () if s]
+
+
+def _first_stop(text: str, stop: Sequence[str] | str | None) -> int | None:
+    found = [i for s in _stops(stop) if (i := text.find(s)) != -1]
     return min(found) if found else None
 
 
@@ -197,7 +205,7 @@ def stream_text(pieces: Iterable[str], stop: Sequence[str] | None) -> Iterator[s
     """The pieces re-cut so they join to exactly what the non-streamed call returns: outer
     whitespace dropped, cut at the first stop sequence. Text that may start a stop
     sequence, or is trailing whitespace, is held back until the next piece decides."""
-    stops = [s for s in stop or () if s]
+    stops = _stops(stop)
     pending, started = "", False
     for piece in pieces:
         pending += piece
@@ -259,6 +267,15 @@ class EngineBound:
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids by the engine's own tokenizer (no download)."""
         return self.regrad_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+NO_CACHE = ("answers depend on the documents each call is handed, which are not part of LangChain's cache key: "
+            "ReGrad models do not use an LLM cache (leave cache at False)")
+
+
+def check_no_cache(cache: Any) -> None:
+    if cache not in (None, False):
+        raise ValueError(NO_CACHE)
 
 
 def check_engine_or_store(engine: Any, store: str | None) -> str | None:

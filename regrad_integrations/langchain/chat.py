@@ -34,6 +34,7 @@ from regrad_integrations.langchain._base import (
     EngineBound,
     call_options,
     check_engine_or_store,
+    check_no_cache,
     cut_at_stop,
     document_to_hit,
     explicit_documents,
@@ -82,12 +83,15 @@ class ChatReGrad(EngineBound, BaseChatModel):
     temperature: float | None = Field(None, description="Only 0 or None: decoding is greedy.")
     stop: list[str] | None = Field(None, description="Stop sequences for every call.")
     strict: bool = Field(False, description="Raise instead of warning when a parametric call gets no documents.")
+    cache: Any = Field(False, description="Always False: answers depend on each call's documents, which LangChain's "
+                                          "cache key does not hold.")
     timeout: float | None = Field(None, description="Accepted for compatibility: the model runs in this process.")
     max_retries: int | None = Field(None, description="Accepted for compatibility: nothing is retried.")
 
     @model_validator(mode="after")
     def _check(self) -> ChatReGrad:
         self.store = check_engine_or_store(self.engine, self.store)
+        check_no_cache(self.cache)
         if self.temperature not in (None, 0, 0.0):
             raise ValueError(f"ChatReGrad decodes greedily: set temperature=0 or leave it out (got {self.temperature})")
         track_runs()
@@ -159,22 +163,18 @@ class ChatReGrad(EngineBound, BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         engine, mode, gamma, options, turns, hits = self._request(messages, run_manager, kwargs)
         pieces = engine.stream_message(turns, hits, gamma=gamma, **options)
-        text = ""
         try:
             for piece in stream_text(pieces, stop or self.stop):
-                text += piece
                 chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
                 if run_manager is not None:
                     run_manager.on_llm_new_token(piece, chunk=chunk)
                 yield chunk
         finally:
             pieces.close()  # generation stops at its next step (stop sequence met, stream closed)
-        done = pieces.completion  # None when a stop sequence ended the stream early
-        prompt_tokens = done.prompt_tokens if done else engine.count_tokens(turns)
-        output_tokens = done.completion_tokens if done else len(self.get_token_ids(text))
+        done = pieces.completion  # (also when a stop sequence closed the stream early)
         yield ChatGenerationChunk(message=AIMessageChunk(
-            content="", usage_metadata=_usage(prompt_tokens, output_tokens), chunk_position="last",
-            response_metadata=_metadata(engine, hits, mode, done.finish_reason if done else "stop")))
+            content="", usage_metadata=_usage(done.prompt_tokens, done.completion_tokens), chunk_position="last",
+            response_metadata=_metadata(engine, hits, mode, done.finish_reason)))
 
     # ------------------------------------------------------------ tools and structured output
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Runnable:

@@ -16,6 +16,7 @@ from regrad_integrations.langchain._base import (
     EngineBound,
     call_options,
     check_engine_or_store,
+    check_no_cache,
     cut_at_stop,
     explicit_documents,
     generation_info,
@@ -46,9 +47,9 @@ class ReGradLLM(EngineBound, BaseLLM):
     ``generation_info`` holds ``sources`` (document ids), ``mode`` and ``finish_reason``;
     ``llm_output`` holds ``token_usage`` and ``model_name``.
 
-    With an LLM cache, choose the mode with the field or ``configurable_fields``, not ``bind``:
-    langchain-core's ``BaseLLM`` leaves per-call options out of the cache key
-    (langchain-ai/langchain#40403), so a cached parametric answer would be replayed for hybrid.
+    No LLM cache: an answer depends on the documents the call is handed, which LangChain's
+    cache key does not hold (nor, for ``BaseLLM``, the bound call options:
+    langchain-ai/langchain#40403), so a cached answer would be replayed for other documents.
     """
 
     engine: ReGrad | None = Field(None, exclude=True, description="The ReGrad engine (model, meta checkpoint, "
@@ -61,11 +62,14 @@ class ReGradLLM(EngineBound, BaseLLM):
     gamma: float = Field(1.0, description="Test-time step scale of the gradient update.")
     max_new_tokens: int = Field(64, ge=1, description="Longest answer, in tokens.")
     strict: bool = Field(False, description="Raise instead of warning when a parametric call gets no documents.")
+    cache: Any = Field(False, description="Always False: answers depend on each call's documents, which LangChain's "
+                                          "cache key does not hold.")
     _fingerprint: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _engine_or_store(self) -> ReGradLLM:
         self.store = check_engine_or_store(self.engine, self.store)
+        check_no_cache(self.cache)
         track_runs()
         return self
 

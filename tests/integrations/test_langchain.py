@@ -273,18 +273,18 @@ def test_registry_finds_each_document_once_longest_first_and_strips_cleanly():
     long_text = "Velmora Quistan is a dentist who was born in Lisbon."
     longer = long_text + " She plays the violin."
     registry = DocumentRegistry(max_entries=3)
-    registry.register([Hit("a", long_text, 1.0), Hit("b", longer, 1.0), Hit("s", "Short doc.", 1.0)])
-    prompt = f"Context:\n{longer}\n\nShort doc.\n\n{longer}\n\nQuestion: who?"
+    registry.register([Hit("a", long_text, 1.0), Hit("b", longer, 1.0), Hit("s", "A short document here.", 1.0)])
+    prompt = f"Context:\n{longer}\n\nA short document here.\n\n{longer}\n\nQuestion: who?"
     spans = registry.find(prompt)
-    assert [(h.id, prompt[s:e]) for s, e, h in spans] == [("b", longer), ("s", "Short doc.")]
+    assert [(h.id, prompt[s:e]) for s, e, h in spans] == [("b", longer), ("s", "A short document here.")]
     assert registry.strip(prompt, spans) == "Context:\n\nQuestion: who?"
     assert registry.strip(f"Inline {longer} here", registry.find(f"Inline {longer} here")) == "Inline here"
     assert registry.find("nothing registered here") == [] and registry.strip("as is ", []) == "as is "
     lru = DocumentRegistry(max_entries=2)
-    lru.register([Hit("a", long_text, 1.0), Hit("s", "Short doc.", 1.0)])
+    lru.register([Hit("a", long_text, 1.0), Hit("s", "A short document here.", 1.0)])
     assert [h.id for _, _, h in lru.find(long_text)] == ["a"]  # found: used recently
     lru.register([Hit("c", "Another document, long enough to be indexed.", 1.0)])
-    assert len(lru) == 2 and lru.find("Short doc.") == [] and lru.find(long_text) != []
+    assert len(lru) == 2 and lru.find("A short document here.") == [] and lru.find(long_text) != []
 
 
 def test_every_adapter_over_an_engine_shares_one_registry(engine, pair):

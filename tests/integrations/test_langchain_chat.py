@@ -351,3 +351,47 @@ def test_a_retriever_wrapping_a_regrad_retriever_hands_on_its_documents(engine, 
     chain_of(Wrapper(inner=inner), chat, FORMATS["collapsed"]).invoke(QUESTIONS[0])
     assert model_inputs[-1][1] == [d.id for d in inner.invoke(QUESTIONS[0])]
     assert len(SCOPES) == 0
+
+
+def test_bad_call_options_get_clear_errors_and_no_llm_cache(engine, chat):
+    llm = ReGradLLM(engine=engine, max_new_tokens=4)
+    docs = [Document(id="velmora", page_content=DOCS["velmora"])]
+    for model in (llm, chat):
+        with pytest.raises(RequestError, match="decoding is greedy"):
+            model.invoke("Where?", documents=docs, top_p=0.9)
+        with pytest.raises(RequestError, match="unknown generation option 'seeed'"):
+            model.invoke("Where?", documents=docs, seeed=1)
+        with pytest.raises(RequestError, match="has no text"):
+            model.invoke("Where?", documents=[Document(page_content="  ")])
+        with pytest.raises(RequestError, match="leaves no room for a prompt"):
+            model.invoke("Where?", documents=docs, max_new_tokens=10**7)
+        with pytest.raises(ValueError, match="do not use an LLM cache"):
+            type(model)(engine=engine, cache=True)
+    with pytest.raises(RequestError, match="decoding is greedy"):
+        llm.invoke("Where?", documents=docs, temperature=0.7)
+    full = llm.invoke("Where?", documents=docs)
+    assert llm.invoke("Where?", documents=docs, stop=full[1:3]) == full[:full.find(full[1:3])].rstrip()  # a string
+
+
+def test_a_stream_cut_by_a_stop_sequence_reports_the_tokens_generated(engine, chat):
+    docs = [Document(id="velmora", page_content=DOCS["velmora"])]
+    full = chat.invoke(QUESTIONS[0], documents=docs)
+    chunks = list(chat.stream(QUESTIONS[0], documents=docs, stop=[full.content[2:4]]))
+    usage = chunks[-1].usage_metadata
+    assert usage["input_tokens"] == full.usage_metadata["input_tokens"]
+    assert 1 <= usage["output_tokens"] <= full.usage_metadata["output_tokens"]
+
+
+def test_documents_are_cut_only_whole_and_never_when_too_short():
+    from regrad_engine.retrieval import Hit
+    from regrad_integrations._registry import DocumentRegistry, locate
+
+    short, art = Hit("p", "Paris", 1.0), Hit("a", "art of the party start", 1.0)
+    prompt = "Tell me about Parisian cafes in paris. Where does the party start? art of the party starts"
+    spans, missing = locate(prompt, [short, art])
+    assert missing == [short, art] and spans == []  # too short; and only inside a word ("starts")
+    doc = Hit("d", "The Fudral Bureau is based in Tokyo.", 1.0)
+    spans, missing = locate(f"Q? {doc.text} and again: {doc.text.upper()}", [doc])
+    assert missing == [] and len(spans) == 2
+    assert DocumentRegistry.strip("XThe Fudral Bureau is based in Tokyo. end",
+                                  locate("XThe Fudral Bureau is based in Tokyo. end", [doc])[0]).startswith("XThe")
