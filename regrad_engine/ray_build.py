@@ -122,7 +122,8 @@ def build_store_ray(store: str | Path, chunks: Sequence[Chunk], *, loader: Model
 
     Returns:
         The totals of the slices; ``added`` counts the documents computed by the attempts that
-        finished (what a killed attempt had flushed is counted in ``skipped``).
+        finished (what a killed attempt had flushed is counted in ``skipped``; with
+        ``overwrite`` a retried slice is computed again whole).
 
     Raises:
         StoreError: The store does not suit this build, or a chunk has no gradient afterwards.
@@ -156,8 +157,8 @@ def build_store_ray(store: str | Path, chunks: Sequence[Chunk], *, loader: Model
         if not reuse_index:
             bank.begin_writing()  # one writer for bank and index alike
             write_index(opened, chunks, index)
-    return BuildStats(added=sum(r["added"] for r in done), skipped=sum(r["skipped"] for r in done),
-                      changed=sum(r["changed"] for r in done), seconds=time.perf_counter() - started)
+    return BuildStats(added=int(sum(r["added"] for r in done)), skipped=int(sum(r["skipped"] for r in done)),
+                      changed=int(sum(r["changed"] for r in done)), seconds=time.perf_counter() - started)
 
 
 class SliceWorker:

@@ -66,35 +66,35 @@ def tiny(tmp_path_factory):
 
 @dataclass(frozen=True)
 class DyingSpec(ModelSpec):
-    """The real loader, whose first actor to reach its ``after``-th document records the shards
-    the manifests list, then dies (SIGKILL); with ``stall`` it hangs there instead (so its driver
-    can be killed mid-build). Once ``marker`` exists, actors live."""
+    """The real loader, whose first actor to start a document after the manifests list ``after``
+    shards records them, then dies (SIGKILL); with ``stall`` it hangs there instead (so that its
+    driver can be killed mid-build). Once ``marker`` exists, actors live."""
 
     marker: str = ""
-    after: int = 3
+    after: int = 2
     stall: bool = False
 
     def __call__(self):
         loaded = super().__call__()
         if Path(self.marker).exists():
             return loaded
-        seen = [0]
+        bank = Path(self.marker).parent / "store" / "bank"
 
         def hook(module, args):
-            seen[0] += 1
-            if seen[0] != self.after:
+            flushed = committed_shards(bank)
+            if len(flushed) < self.after:
                 return
             try:
                 fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:  # another actor died already
                 return
-            os.write(fd, json.dumps(committed_shards(Path(self.marker).parent / "store" / "bank")).encode())
+            os.write(fd, json.dumps(flushed).encode())
             os.close(fd)
             if self.stall:
                 time.sleep(600)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        loaded.model.get_input_embeddings().register_forward_pre_hook(hook)  # once per batch of one document
+        loaded.model.get_input_embeddings().register_forward_pre_hook(hook)
         return loaded
 
 
@@ -121,7 +121,8 @@ def test_a_killed_worker_loses_and_repeats_nothing_and_the_bank_equals_a_plain_b
     assert flushed_before_kill  # the worker died mid-build, after some of its documents were flushed
     shards = assert_every_document_once(tmp_path / "store", list(DOCS))
     assert set(flushed_before_kill) <= {s["file"] for s in shards}  # kept, not recomputed
-    # 2 slices of 4 documents: the killed attempt had flushed 2, its retry computed only the other 2
+    # 2 slices of 4 documents, one document a shard: the killed attempt had flushed 2 of its slice,
+    # the retry computed only the other 2
     assert (stats.added, stats.skipped) == (6, 2)
 
     build_store(tmp_path / "plain", chunks(), model=loaded, meta_path=str(meta), progress=False, **BUILD)
@@ -159,7 +160,7 @@ def test_a_build_whose_driver_died_is_continued_by_the_cli(cluster, tiny, tmp_pa
         deadline = time.monotonic() + 120
         while not (tmp_path / "stalled").exists():
             assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the build never reached its third document"
+            assert time.monotonic() < deadline, "the build never flushed two documents"
             time.sleep(0.2)
     finally:
         driver.kill()  # the driver dies mid-build; Ray ends its actors
