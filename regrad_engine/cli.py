@@ -76,7 +76,7 @@ def _cmd_train(args) -> int:
     cfg = load_config(MetaTrainConfig, args.config, overrides)
     check_device(cfg.device)
     log.info("seed %d", set_seed(cfg.seed))
-    model = _load(cfg.model, cfg.device, args.dtype, args.threads, attn="eager")
+    model = _load(cfg.model, cfg.device, args.dtype, args.threads, attn=cfg.attention)
     init = MetaCheckpoint.load(cfg.init_from) if cfg.init_from else None
     try:
         space = LoraSpace.attach(model.model, init.lora if init else _lora_config(model.model, cfg.lora))

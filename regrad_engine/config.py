@@ -52,7 +52,15 @@ class MetaTrainConfig(_Strict):
                                    "re-run the same command to resume from out/last).")
     eval_every: int = Field(50, ge=1, description="Dev evaluation (and save) every this many steps.")
     dev_size: int = Field(64, ge=1, description="Dev questions used per evaluation.")
-    bf16: bool = Field(False, description="bf16 autocast (used only where the device supports it).")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA devices that support it (CPU always runs in the "
+                       "model's dtype).")
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention the model is loaded with: sdpa (fused kernels; the differentiable inner "
+        "pass switches to SDPA's math backend, which has a double backward) or eager.")
+    gradient_checkpointing: bool = Field(False, description="Recompute decoder layers in backward instead of "
+                                         "storing their activations (less memory, ~1 more forward; exact).")
+    loss_chunk: int = Field(2048, ge=0, description="Labelled positions per chunk of the LM loss (no full "
+                            "(batch, seq, vocab) logits); 0 computes full logits.")
     device: str = Field("cpu", description="torch device.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
 

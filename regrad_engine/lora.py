@@ -14,16 +14,19 @@ Gradient Bank use exactly the same keys.
 in force in the *current context* (a ``ContextVar``), so concurrent requests in other
 threads or asyncio tasks never see each other's factors and no shared parameter is ever
 mutated. Threads started by a request (e.g. streaming generation) must run inside
-``contextvars.copy_context()`` to inherit the active factors.
+``contextvars.copy_context()`` to inherit the active factors; code that runs the model again
+later, elsewhere (activation checkpointing recomputes layers in backward, on CUDA in autograd's
+own threads), wraps it with :func:`bind_active_factors`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from peft import LoraConfig
@@ -34,6 +37,7 @@ Phi = dict[str, Tensor]
 AlphaMode = Literal["tie", "full", "same", "fix"]
 ALPHA_MODES: tuple[str, ...] = ("tie", "full", "same", "fix")
 _SHARED_ALPHA_KEY = "*"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # (space, factors) active in this context, or None: read by every installed hook.
 _ACTIVE: ContextVar[tuple[LoraSpace, Mapping[str, Tensor]] | None] = ContextVar(
@@ -233,6 +237,26 @@ class LoraSpace:
             return output + self.scaling * delta
 
         return hook
+
+
+def bind_active_factors(fn: _F) -> _F:
+    """``fn`` made to run under the factors active *now*, wherever and whenever it is called.
+
+    Activation checkpointing recomputes a layer during backward, after the ``activate``
+    block has ended and (on CUDA) in another thread: the recomputation must see the same
+    factors as the forward pass, or its gradients are silently those of another model.
+    """
+    active = _ACTIVE.get()
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _ACTIVE.set(active)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+
+    return run  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------- step sizes

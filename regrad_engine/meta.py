@@ -13,13 +13,17 @@ runs the outer pass with its own phi' (batched factors).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,9 +33,12 @@ from regrad_engine.checkpoint import MetaCheckpoint
 from regrad_engine.config import MetaTrainConfig
 from regrad_engine.data import MetaExample
 from regrad_engine.errors import check_mode
-from regrad_engine.gradients import document_gradients, model_loss
+from regrad_engine.gradients import DEFAULT_LOSS_CHUNK, document_gradients, model_loss
 from regrad_engine.lora import LoraSpace, Phi, apply_update, init_step_sizes
 from regrad_engine.prompts import encode_documents, encode_qa_batch
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 def hybrid_tasks(mode: str, n: int) -> list[bool]:
@@ -47,32 +54,60 @@ def sum_per_task(grads: Phi, owner: Tensor, num_tasks: int) -> Phi:
             for k, g in grads.items()}
 
 
+@dataclass(frozen=True)
+class TaskBatch:
+    """A meta-batch as tensors: passages (n, t) with the task each belongs to, and the QA
+    sequences (tasks, t) with answer-only labels. Made by :func:`encode_tasks`."""
+
+    size: int
+    docs: dict[str, Tensor]
+    owner: Tensor  # (n,) task index of each passage
+    qa: dict[str, Tensor]
+
+    def to(self, device: torch.device) -> TaskBatch:
+        return TaskBatch(self.size, {k: v.to(device) for k, v in self.docs.items()}, self.owner.to(device),
+                         {k: v.to(device) for k, v in self.qa.items()})
+
+
+def encode_tasks(tokenizer, tasks: Sequence[MetaExample], *, mode: str = "parametric", doc_max_tokens: int = 200,
+                 qa_max_length: int = 1536) -> TaskBatch:
+    """Tokenise a meta-batch (CPU work that :meth:`MetaTrainer.fit` overlaps with the previous step)."""
+    in_prompt = hybrid_tasks(mode, len(tasks))
+    qa = encode_qa_batch(tokenizer, [t.question for t in tasks], [t.answers[0] for t in tasks],
+                         [t.passages if h else None for t, h in zip(tasks, in_prompt)], qa_max_length)
+    docs = encode_documents(tokenizer, [p for t in tasks for p in t.passages], doc_max_tokens)
+    owner = torch.tensor([i for i, t in enumerate(tasks) for _ in t.passages])
+    return TaskBatch(len(tasks), docs, owner, qa)
+
+
 def meta_loss(model: nn.Module, tokenizer, space: LoraSpace, phi: Phi, alpha: Phi,
-              tasks: Sequence[MetaExample], *, mode: str = "parametric", doc_max_tokens: int = 200,
-              qa_max_length: int = 1536, create_graph: bool = True, use_gradients: bool = True) -> Tensor:
+              tasks: Sequence[MetaExample] | TaskBatch, *, mode: str = "parametric", doc_max_tokens: int = 200,
+              qa_max_length: int = 1536, create_graph: bool = True, use_gradients: bool = True,
+              loss_chunk: int = DEFAULT_LOSS_CHUNK, checkpoint_layers: bool = False) -> Tensor:
     """Mean outer (answer-token) loss of the tasks after their inner update.
 
     Args:
+        tasks: The tasks, or their :func:`encode_tasks` batch (then ``mode``,
+            ``doc_max_tokens`` and ``qa_max_length`` were applied there).
         create_graph: Differentiate through the inner gradients (training); False for eval.
         use_gradients: False evaluates phi itself (no inner update), a baseline.
+        loss_chunk: Labelled positions per chunk of the LM losses (0: full logits).
+        checkpoint_layers: Recompute decoder layers in backward (inner and outer pass).
 
     Returns:
         Scalar loss.
     """
     device = next(iter(phi.values())).device
+    if not isinstance(tasks, TaskBatch):
+        tasks = encode_tasks(tokenizer, tasks, mode=mode, doc_max_tokens=doc_max_tokens, qa_max_length=qa_max_length)
+    batch = tasks.to(device)
+    options = {"loss_chunk": loss_chunk, "checkpoint_layers": checkpoint_layers}
     if use_gradients:
-        passages = [p for t in tasks for p in t.passages]
-        owner = torch.tensor([i for i, t in enumerate(tasks) for _ in t.passages], device=device)
-        docs = {k: v.to(device) for k, v in encode_documents(tokenizer, passages, doc_max_tokens).items()}
-        grads = document_gradients(model, space, phi, docs, create_graph=create_graph)
-        adapted = apply_update(phi, sum_per_task(grads, owner, len(tasks)), alpha)
+        grads = document_gradients(model, space, phi, batch.docs, create_graph=create_graph, **options)
+        adapted = apply_update(phi, sum_per_task(grads, batch.owner, batch.size), alpha)
     else:
         adapted = phi
-    in_prompt = hybrid_tasks(mode, len(tasks))
-    qa = encode_qa_batch(tokenizer, [t.question for t in tasks], [t.answers[0] for t in tasks],
-                         [t.passages if h else None for t, h in zip(tasks, in_prompt)], qa_max_length)
-    qa = {k: v.to(device) for k, v in qa.items()}
-    return model_loss(model, space, adapted, qa).mean()
+    return model_loss(model, space, adapted, batch.qa, **options).mean()
 
 
 def evaluate_loss(model, tokenizer, space, phi, alpha, tasks, *, batch_size: int = 4, **kwargs) -> float:
@@ -96,12 +131,24 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def prefetched(encode: Callable[[_T], _U], items: Iterable[_T], pool: Executor) -> Iterator[_U]:
+    """``encode(item)`` for every item, the next one computed on ``pool`` while the caller
+    works on the current one (tokenisation overlaps the GPU step; fast tokenisers release the GIL)."""
+    items = iter(items)
+    pending = [pool.submit(encode, item) for item in itertools.islice(items, 1)]
+    while pending:
+        result = pending.pop().result()
+        pending = [pool.submit(encode, item) for item in itertools.islice(items, 1)]
+        yield result
+
+
 class MetaTrainer:
     """Runs meta-training; every evaluation writes ``out/last`` (with optimiser state) and
     ``out/steps/step-NNNNNN``, and ``out/best`` on dev improvement.
 
     Args:
-        model: Frozen base model (eager attention on CPU: SDPA has no double backward there).
+        model: Frozen base model, SDPA or eager attention (the differentiable inner pass runs
+            SDPA's math backend: the fused kernels have no double backward).
         tokenizer: Its tokenizer (with chat template).
         space: Adaptation space installed on the model.
         config: Training settings.
@@ -176,17 +223,26 @@ class MetaTrainer:
             self.scheduler.step()
 
     # -------------------------------------------------------------- training
-    def _loss(self, tasks: Sequence[MetaExample], create_graph: bool = True) -> Tensor:
+    def _settings(self) -> dict:
+        return {"mode": self.cfg.mode, "doc_max_tokens": self.cfg.doc_max_tokens,
+                "qa_max_length": self.cfg.qa_max_length, "loss_chunk": self.cfg.loss_chunk,
+                "checkpoint_layers": self.cfg.gradient_checkpointing}
+
+    def encode(self, tasks: Sequence[MetaExample]) -> TaskBatch:
+        """The meta-batch tokenised under this trainer's settings (mode, lengths)."""
+        return encode_tasks(self.tokenizer, tasks, mode=self.cfg.mode, doc_max_tokens=self.cfg.doc_max_tokens,
+                            qa_max_length=self.cfg.qa_max_length)
+
+    def _loss(self, tasks: Sequence[MetaExample] | TaskBatch, create_graph: bool = True) -> Tensor:
         return meta_loss(self.model, self.tokenizer, self.space, self.phi, self.alpha, tasks,
-                         mode=self.cfg.mode, doc_max_tokens=self.cfg.doc_max_tokens,
-                         qa_max_length=self.cfg.qa_max_length, create_graph=create_graph)
+                         create_graph=create_graph, **self._settings())
 
     def dev_loss(self, dev: Sequence[MetaExample]) -> float:
-        return evaluate_loss(self.model, self.tokenizer, self.space, self.phi, self.alpha,
-                             list(dev[: self.cfg.dev_size]), mode=self.cfg.mode,
-                             doc_max_tokens=self.cfg.doc_max_tokens, qa_max_length=self.cfg.qa_max_length)
+        with _autocast(self.device, self.cfg.bf16):
+            return evaluate_loss(self.model, self.tokenizer, self.space, self.phi, self.alpha,
+                                 list(dev[: self.cfg.dev_size]), **self._settings())
 
-    def train_step(self, tasks: Sequence[MetaExample]) -> float:
+    def train_step(self, tasks: Sequence[MetaExample] | TaskBatch) -> float:
         with _autocast(self.device, self.cfg.bf16):
             loss = self._loss(tasks)
         loss.backward()
@@ -224,27 +280,38 @@ class MetaTrainer:
         recent: list[float] = []
         started = time.time()
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
-        while self.step < end:
-            indices, order = self._next_batch(order, rng, len(train))
-            recent.append(self.train_step([train[i] for i in indices]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
-            if self.step % self.cfg.eval_every == 0 or self.step == end:
-                dev_loss = self.dev_loss(dev)
-                record = {"step": self.step, "train_loss": sum(recent) / len(recent), "dev_loss": dev_loss,
-                          "alpha_mean": float(torch.stack([a.detach().mean() for a in self.alpha.values()]).mean()),
-                          "seconds": round(time.time() - started, 1)}
-                recent = []
-                self.history.append(record)
-                log(json.dumps(record))
-                self.checkpoint({"dev_loss": dev_loss}).save(out / "steps" / f"step-{self.step:06d}")
-                if dev_loss < self.best:
-                    self.best = dev_loss
-                    self.checkpoint({"dev_loss": dev_loss}).save(out / "best")
-                self.save_state(out / "last")
+        with ThreadPoolExecutor(max_workers=1) as pool:  # tokenises the next batch while this one trains
+            for batch in prefetched(self.encode, self._task_batches(train, order, rng, end - self.step), pool):
+                recent.append(self.train_step(batch))
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(recent[-20:]) / len(recent[-20:]):.3f}")
+                if self.step % self.cfg.eval_every == 0 or self.step == end:
+                    self._evaluate_and_save(dev, out, recent, time.time() - started, log)
+                    recent = []
         bar.close()
         (out / "history.json").write_text(json.dumps(self.history, indent=1))
         return MetaCheckpoint.load(out / "best") if (out / "best").exists() else self.checkpoint()
+
+    def _evaluate_and_save(self, dev: Sequence[MetaExample], out: Path, recent: list[float], seconds: float,
+                           log: Callable[[str], None]) -> None:
+        """Dev loss, history record, ``steps/step-N``, ``best`` on improvement and ``last`` with its state."""
+        dev_loss = self.dev_loss(dev)
+        record = {"step": self.step, "train_loss": sum(recent) / len(recent), "dev_loss": dev_loss,
+                  "alpha_mean": float(torch.stack([a.detach().mean() for a in self.alpha.values()]).mean()),
+                  "seconds": round(seconds, 1)}
+        self.history.append(record)
+        log(json.dumps(record))
+        self.checkpoint({"dev_loss": dev_loss}).save(out / "steps" / f"step-{self.step:06d}")
+        if dev_loss < self.best:
+            self.best = dev_loss
+            self.checkpoint({"dev_loss": dev_loss}).save(out / "best")
+        self.save_state(out / "last")
+
+    def _task_batches(self, train: Sequence[MetaExample], order: list[int], rng: random.Random,
+                      count: int) -> Iterator[list[MetaExample]]:
+        for _ in range(count):
+            indices, order = self._next_batch(order, rng, len(train))
+            yield [train[i] for i in indices]
 
     def _next_batch(self, order: list[int], rng: random.Random, n: int) -> tuple[list[int], list[int]]:
         size = self.cfg.tasks_per_step

@@ -98,8 +98,8 @@ def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
             Hugging Face id (needs the hub or its cache) or a local directory.
         device: Where to put the model.
         dtype: Parameter dtype (float32, bfloat16, float16).
-        attn_implementation: ``"sdpa"`` for inference; ``"eager"`` is needed for the
-            double backward of meta-learning on CPU.
+        attn_implementation: ``"sdpa"`` (fused kernels; meta-learning's differentiable inner
+            pass switches to SDPA's math backend, which has a double backward) or ``"eager"``.
 
     Returns:
         A :class:`LoadedModel` with every parameter frozen (``requires_grad=False``).

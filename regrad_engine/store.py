@@ -70,13 +70,16 @@ def worker_of(doc_id: str, num_workers: int) -> int:
 
 def add_gradients(model, tokenizer, space: LoraSpace, phi, chunks: Sequence[Chunk], bank: GradientBank, *,
                   doc_max_tokens: int = 200, batch_size: int = 8, overwrite: bool = False,
-                  worker: int = 0, num_workers: int = 1, progress: bool = True) -> BuildStats:
+                  worker: int = 0, num_workers: int = 1, progress: bool = True,
+                  checkpoint_layers: bool = False) -> BuildStats:
     """Compute and store the gradient of every chunk this worker owns that the bank lacks or
     holds for another text (content-aware: the bank records a hash of each chunk's text).
 
     Re-running after a kill continues: ids already flushed are skipped, not recomputed; the
     bank flushes whole batches, so a resumed build computes the same batches and ends
     bit-equal to an uninterrupted one. With ``overwrite`` every owned chunk is recomputed.
+    ``checkpoint_layers`` recomputes decoder layers in backward (larger batches fit; the same
+    gradients).
     """
     from tqdm.auto import tqdm
 
@@ -95,7 +98,7 @@ def add_gradients(model, tokenizer, space: LoraSpace, phi, chunks: Sequence[Chun
             except ValueError as err:  # a chunk too short to learn from
                 raise DataError(f"{err}; remove that document or give it more text") from None
             tokens = {k: v.to(device) for k, v in encoded.items()}
-            grads = document_gradients(model, space, phi, tokens)
+            grads = document_gradients(model, space, phi, tokens, checkpoint_layers=checkpoint_layers)
             bank.add_batch([c.id for c in batch], {k: g.detach().cpu() for k, g in grads.items()}, overwrite=True,
                            text_hashes=[hashes[c.id] for c in batch])
             bar.update(len(batch))
@@ -316,7 +319,7 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
                 doc_max_tokens: int = 200, storage_dtype: str = "bf16", batch_size: int = 8,
                 overwrite: bool = False, worker: int = 0, num_workers: int = 1, progress: bool = True,
                 index: DocumentIndex | None = None, reuse_index: bool = False, flush_every: int = 64,
-                flush_seconds: float = 30.0) -> BuildStats:
+                flush_seconds: float = 30.0, checkpoint_layers: bool = False) -> BuildStats:
     """Index the chunks and add their gradients to the store's bank (creating it if needed).
 
     Gradients are flushed to disk every ``flush_every`` documents or ``flush_seconds``,
@@ -327,6 +330,7 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
             embedded BM25 index.
         reuse_index: ``index`` already holds every chunk (checked before any gradient
             is computed): write nothing to it.
+        checkpoint_layers: Recompute decoder layers in backward (see :func:`add_gradients`).
 
     Raises:
         StoreError: The store was built with another chunk size or index backend.
@@ -342,7 +346,8 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
         bank.flush_seconds = flush_seconds
         stats = add_gradients(model.model, model.tokenizer, space, checkpoint.phi, chunks, bank,
                               doc_max_tokens=doc_max_tokens, batch_size=batch_size, overwrite=overwrite,
-                              worker=worker, num_workers=num_workers, progress=progress)
+                              worker=worker, num_workers=num_workers, progress=progress,
+                              checkpoint_layers=checkpoint_layers)
         if worker == 0 and not reuse_index:  # still under the bank's writer lock
             write_index(opened, chunks, index)
     return stats

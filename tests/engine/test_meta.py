@@ -8,7 +8,7 @@ from regrad_engine.checkpoint import CheckpointError, MetaCheckpoint
 from regrad_engine.config import MetaTrainConfig
 from regrad_engine.lora import LoraSpace
 from regrad_engine.meta import MetaExample, MetaTrainer, evaluate_loss
-from tests.conftest import make_model
+from tests.conftest import make_model, random_phi
 
 CITIES = ["Paris", "Tokyo", "Lisbon", "Cairo", "Lima", "Oslo"]
 NAMES = ["Velmora", "Gredin", "Quibiku", "Ailpelou", "Fudral", "Quistan", "Drako", "Quil", "Tokyo Bureau",
@@ -27,14 +27,14 @@ def fictional_tasks(seed: int, names: list[str], k: int = 2) -> list[MetaExample
     return tasks
 
 
-def _trainer(tokenizer, tmp_path, steps: int, seed: int = 0):
-    model = make_model(tokenizer, dtype=torch.float32, layers=2, hidden=64)
+def _trainer(tokenizer, tmp_path, steps: int, seed: int = 0, attn: str = "eager", **options):
+    model = make_model(tokenizer, dtype=torch.float32, layers=2, hidden=64, attn=attn)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
                         layers_to_transform=[0, 1], layers_pattern="layers", lora_dropout=0.0)
     space = LoraSpace(model, config)
     cfg = MetaTrainConfig(data=str(tmp_path), out=str(tmp_path / "meta"), k=2, steps=steps, tasks_per_step=4,
                           lr=1e-2, alpha_init=1.0, alpha_lr=0.05, eval_every=max(1, steps // 2), dev_size=8,
-                          warmup_ratio=0.05, seed=seed)
+                          warmup_ratio=0.05, seed=seed, **options)
     return MetaTrainer(model, tokenizer, space, cfg, base_model="tiny", base_fingerprint="f00")
 
 
@@ -105,3 +105,73 @@ def test_mixed_mode_puts_the_passages_in_every_second_prompt(tokenizer, tmp_path
                              mode=mode, create_graph=False).item() for mode in ("parametric", "mixed")}
     assert first["mixed"] == pytest.approx(first["parametric"])  # task 0 is parametric in mixed mode
     assert losses["mixed"] != pytest.approx(losses["parametric"]) and losses["mixed"] != pytest.approx(losses["hybrid"])
+
+
+# ---------------------------------------------------------------------- memory paths: the same meta-gradient
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_meta_gradient_is_the_same_with_checkpointing_and_chunked_loss(tokenizer, attn):
+    """phi and alpha gradients through the inner step (a double backward through attention:
+    layer 0 is adapted) equal the plain path's, float64 on CPU."""
+    from regrad_engine.lora import init_step_sizes
+    from regrad_engine.meta import meta_loss
+
+    model = make_model(tokenizer, attn=attn)
+    space = LoraSpace(model, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                        layers_to_transform=[0, 1], layers_pattern="layers", lora_dropout=0.0))
+    phi0 = random_phi(space)
+    tasks = fictional_tasks(0, NAMES[:4])
+
+    def meta_gradient(**options):
+        phi = {k: v.clone().requires_grad_(True) for k, v in phi0.items()}
+        alpha = {k: v.requires_grad_(True) for k, v in init_step_sizes(phi, "tie", 1.0).items()}
+        loss = meta_loss(model, tokenizer, space, phi, alpha, tasks, mode="mixed", **options)
+        loss.backward()
+        return loss.detach(), [p.grad for p in [*phi.values(), *alpha.values()]]
+
+    plain_loss, plain = meta_gradient(loss_chunk=0)
+    for options in ({"loss_chunk": 7}, {"checkpoint_layers": True}, {"loss_chunk": 7, "checkpoint_layers": True}):
+        loss, grads = meta_gradient(**options)
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, plain, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in plain)
+
+
+def test_trainer_takes_the_memory_options_from_its_config(tokenizer, tmp_path):
+    tasks = fictional_tasks(0, NAMES)
+    plain = _trainer(tokenizer, tmp_path / "a", steps=2, attn="sdpa", loss_chunk=0)
+    lean = _trainer(tokenizer, tmp_path / "b", steps=2, attn="sdpa", loss_chunk=5, gradient_checkpointing=True)
+    for trainer in (plain, lean):
+        trainer.train_step(tasks[:4])  # B moves off zero, so every gradient below is non-zero
+        trainer.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for key, value in plain.phi.items():
+            lean.phi[key].copy_(value)
+    grads = []
+    for trainer in (plain, lean):
+        trainer._loss(tasks[4:8]).backward()
+        grads.append([p.grad for p in [*trainer.phi.values(), *trainer.alpha.values()]])
+    for got, want in zip(*reversed(grads), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    defaults = MetaTrainConfig(data="d", out="o")
+    assert defaults.bf16 and defaults.attention == "sdpa"  # bf16 autocast applies on CUDA only
+    assert defaults.loss_chunk > 0 and not defaults.gradient_checkpointing
+
+
+def test_encoded_batches_give_the_same_loss_and_are_prefetched_in_order(tokenizer, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from regrad_engine.meta import prefetched
+
+    trainer = _trainer(tokenizer, tmp_path, steps=1, mode="mixed")
+    tasks = fictional_tasks(0, NAMES[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(trainer._loss(trainer.encode(tasks), create_graph=False),
+                                   trainer._loss(tasks, create_graph=False))
+    started = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        stream = prefetched(lambda i: started.append(i) or i * 10, range(4), pool)
+        assert next(stream) == 0
+        pool.submit(lambda: None).result()  # the prefetch ahead of it has run
+        assert started == [0, 1]  # one batch ahead, no more
+        assert list(stream) == [10, 20, 30]
