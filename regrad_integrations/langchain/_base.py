@@ -101,6 +101,18 @@ def hand_over(engine: object, parent_run_id: UUID | None, hits: Sequence[Hit]) -
         registry_for(engine).register(hits)
 
 
+def parent_run(run_manager: Any) -> UUID | None:
+    """The run a model call runs under: its run manager's parent, else (langchain-core's
+    ``BaseChatModel.stream`` gives ``_stream`` no run manager) the parent that the running
+    chain set in langchain-core's config context."""
+    if run_manager is not None:
+        return run_manager.parent_run_id
+    from langchain_core.runnables.config import var_child_runnable_config
+
+    callbacks = (var_child_runnable_config.get() or {}).get("callbacks")
+    return getattr(callbacks, "parent_run_id", None)
+
+
 def handed_documents(parent_run_id: UUID | None) -> list[Hit] | None:
     """The documents handed to this call through its run tree ([] in a tree that handed
     none); None outside any chain, where text matching is the fallback."""

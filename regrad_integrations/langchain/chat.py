@@ -39,6 +39,7 @@ from regrad_integrations.langchain._base import (
     document_to_hit,
     explicit_documents,
     handed_documents,
+    parent_run,
     prepare,
     stream_text,
     track_runs,
@@ -144,7 +145,7 @@ class ChatReGrad(EngineBound, BaseChatModel):
         if handed is None and artifacts:
             handed = artifacts
         if handed is None:
-            handed = handed_documents(getattr(run_manager, "parent_run_id", None))
+            handed = handed_documents(parent_run(run_manager))
         turns, hits = prepare(engine, turns, mode, handed, strict=self.strict)
         return engine, mode, gamma, options, turns, hits
 

@@ -21,6 +21,7 @@ from regrad_integrations.langchain._base import (
     explicit_documents,
     generation_info,
     handed_documents,
+    parent_run,
     prepare,
     stream_text,
     track_runs,
@@ -111,7 +112,7 @@ class ReGradLLM(EngineBound, BaseLLM):
             managers = [run_manager] * len(prompts)
         messages, documents = [], []
         for prompt, manager in zip(prompts, managers):
-            handed = explicit if explicit is not None else handed_documents(getattr(manager, "parent_run_id", None))
+            handed = explicit if explicit is not None else handed_documents(parent_run(manager))
             turns, hits = prepare(engine, [{"role": "user", "content": prompt}], mode, handed, strict=self.strict)
             messages.append(turns[0]["content"] if len(turns) == 1 else turns)
             documents.append(hits)
@@ -127,7 +128,7 @@ class ReGradLLM(EngineBound, BaseLLM):
         engine = self.regrad_engine
         mode, gamma, options = call_options(kwargs, self.mode, self.gamma, self.max_new_tokens)
         explicit = explicit_documents(options.pop("documents", None))
-        handed = explicit if explicit is not None else handed_documents(getattr(run_manager, "parent_run_id", None))
+        handed = explicit if explicit is not None else handed_documents(parent_run(run_manager))
         turns, hits = prepare(engine, [{"role": "user", "content": prompt}], mode, handed, strict=self.strict)
         pieces = engine.stream_message(turns[0]["content"] if len(turns) == 1 else turns, hits, gamma=gamma,
                                        **options)

@@ -395,3 +395,20 @@ def test_documents_are_cut_only_whole_and_never_when_too_short():
     assert missing == [] and len(spans) == 2
     assert DocumentRegistry.strip("XThe Fudral Bureau is based in Tokyo. end",
                                   locate("XThe Fudral Bureau is based in Tokyo. end", [doc])[0]).startswith("XThe")
+
+
+def test_a_chat_rag_chain_streams_the_answer_it_invokes_with_the_same_documents(engine, chat, model_inputs):
+    for mode in ("parametric", "hybrid"):
+        chain = chain_of(ReGradRetriever(engine=engine, k=2), chat.model_copy(update={"mode": mode}),
+                         FORMATS["collapsed"])
+        for question in QUESTIONS:
+            model_inputs.clear()
+            answer = chain.invoke(question)
+            assert "".join(chain.stream(question)) == answer
+            assert asyncio.run(chain.ainvoke(question)) == answer
+            assert "".join(asyncio.run(_collect(chain.astream(question)))) == answer
+            assert len({tuple(ids) for _, ids in model_inputs}) == 1 and model_inputs[0][1]
+
+
+async def _collect(stream):
+    return [piece async for piece in stream]
