@@ -61,6 +61,9 @@ class MetaTrainConfig(_Strict):
                                          "storing their activations (less memory, ~1 more forward; exact).")
     loss_chunk: int = Field(2048, ge=0, description="Labelled positions per chunk of the LM loss (no full "
                             "(batch, seq, vocab) logits); 0 computes full logits.")
+    micro_batch: int | None = Field(None, ge=1, description="Tasks per forward/backward; a meta-step accumulates "
+                                    "the gradient over its micro-batches (the same gradient, less memory). "
+                                    "Default: the whole meta-batch at once.")
     device: str = Field("cpu", description="torch device.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
 

@@ -68,6 +68,23 @@ class TaskBatch:
         return TaskBatch(self.size, {k: v.to(device) for k, v in self.docs.items()}, self.owner.to(device),
                          {k: v.to(device) for k, v in self.qa.items()})
 
+    def split(self, size: int) -> list[TaskBatch]:
+        """Micro-batches of ``size`` tasks (the last may be smaller), padding trimmed to each."""
+        parts = []
+        for start in range(0, self.size, size):
+            stop = min(self.size, start + size)
+            rows = ((self.owner >= start) & (self.owner < stop)).nonzero().squeeze(1)
+            parts.append(TaskBatch(stop - start, _trimmed({k: v[rows] for k, v in self.docs.items()}),
+                                   self.owner[rows] - start,
+                                   _trimmed({k: v[start:stop] for k, v in self.qa.items()})))
+        return parts
+
+
+def _trimmed(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A right-padded batch cut to its longest row."""
+    width = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] for k, v in batch.items()}
+
 
 def encode_tasks(tokenizer, tasks: Sequence[MetaExample], *, mode: str = "parametric", doc_max_tokens: int = 200,
                  qa_max_length: int = 1536) -> TaskBatch:
@@ -242,10 +259,22 @@ class MetaTrainer:
             return evaluate_loss(self.model, self.tokenizer, self.space, self.phi, self.alpha,
                                  list(dev[: self.cfg.dev_size]), **self._settings())
 
+    def accumulate_gradients(self, tasks: Sequence[MetaExample] | TaskBatch) -> Tensor:
+        """Add the gradient of the tasks' mean loss to phi's and alpha's ``.grad``, micro-batches of
+        ``config.micro_batch`` tasks at a time (each task's loss is independent: the same gradient,
+        less memory). Returns the loss."""
+        batch = tasks if isinstance(tasks, TaskBatch) else self.encode(tasks)
+        total = torch.zeros((), device=self.device)
+        for part in batch.split(self.cfg.micro_batch) if self.cfg.micro_batch else [batch]:
+            with _autocast(self.device, self.cfg.bf16):
+                loss = self._loss(part) * (part.size / batch.size)
+            loss.backward()
+            total += loss.detach()
+        return total
+
     def train_step(self, tasks: Sequence[MetaExample] | TaskBatch) -> float:
-        with _autocast(self.device, self.cfg.bf16):
-            loss = self._loss(tasks)
-        loss.backward()
+        """One meta-step (gradient, clipping, AdamW, schedule); returns the loss."""
+        loss = self.accumulate_gradients(tasks)
         params = list(self.phi.values()) + [a for a in self.alpha.values() if a.requires_grad]
         nn.utils.clip_grad_norm_(params, self.cfg.clip)
         self.optimizer.step()

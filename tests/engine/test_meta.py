@@ -175,3 +175,22 @@ def test_encoded_batches_give_the_same_loss_and_are_prefetched_in_order(tokenize
         pool.submit(lambda: None).result()  # the prefetch ahead of it has run
         assert started == [0, 1]  # one batch ahead, no more
         assert list(stream) == [10, 20, 30]
+
+
+def test_micro_batches_accumulate_the_same_gradient(tokenizer, tmp_path):
+    tasks = fictional_tasks(0, NAMES[:5])  # 5 tasks: micro-batches of 2 leave one of 1
+    grads = {}
+    for micro_batch in (None, 2, 1):
+        trainer = _trainer(tokenizer, tmp_path / str(micro_batch), steps=1, mode="mixed", micro_batch=micro_batch)
+        with torch.no_grad():
+            for value in trainer.phi.values():
+                value.normal_(0, 0.1, generator=torch.Generator().manual_seed(value.numel()))
+        parts = trainer.encode(tasks).split(micro_batch or 5)
+        assert [p.size for p in parts] == {None: [5], 2: [2, 2, 1], 1: [1] * 5}[micro_batch]
+        assert sum(int(p.owner.numel()) for p in parts) == 10
+        loss = trainer.accumulate_gradients(tasks)
+        grads[micro_batch] = (loss, [p.grad for p in [*trainer.phi.values(), *trainer.alpha.values()]])
+    for micro_batch in (2, 1):
+        torch.testing.assert_close(grads[micro_batch][0], grads[None][0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads[micro_batch][1], grads[None][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
