@@ -8,8 +8,8 @@ the top-k retrieved documents are fetched and summed (:meth:`GradientBank.sum`).
 
 Layout of a bank directory::
 
-    manifest.json                       # {format_version, binding, shapes, storage_dtype, shards:
-                                        #  [{file, ids, bytes, sums, texts}], deleted: [...], ...}
+    manifest.json                       # {format_version, binding, shapes, storage_dtype, storage,
+                                        #  shards: [{file, ids, bytes, sums, texts}], deleted: [...], ...}
     shard-m-<session>-000000.safetensors      # one stacked tensor per key: (n_rows, *shape)
     shard-w001-<session>-000000.safetensors   # written by worker 1 of N (distributed builds)
     manifest.w001.json                  # only while worker 1 of N builds (before merge)
@@ -21,12 +21,21 @@ then the manifest is rewritten atomically: a killed build loses only the unflush
 When a document id appears in several shards (overwrite), the latest shard wins;
 :meth:`GradientBank.compact` drops the dead rows from disk.
 
+Storage (``storage_dtype``, chosen at creation and recorded in the manifest with its
+parameters): fp32, bf16, fp16, or compressed, int8 with per-row scales, optionally as rank-q
+factors (``int8-rank7``); see :mod:`regrad_engine.compression`. An entry is stored as its
+*parts* (for the float kinds, one tensor per key, named like the key); reads dequantise to
+float32, and a sum of k entries costs O(k) whatever the bank's size.
+
 Integrity: the manifest records each shard's size and ids (also stored in the shard's
-header) and a checksum (blake2b) of every entry, plus a hash of the text each gradient was
-computed from. Opening checks every shard's size and header ids (cheap); reading checks the
-served entries' checksums and that their values are finite. A mismatch raises
-:class:`BankCorruptError` naming the file and the repair (``regrad verify --repair``, then
-``regrad build`` recomputes what was dropped); non-finite gradients are refused at write time.
+header) and a checksum (blake2b, over the stored bytes of every part) of every entry, plus a
+hash of the text each gradient was computed from; format 3 packs both as one hex string per
+shard (32 hex digits per entry; format 2's lists are still read), so a manifest of a million
+entries parses in a fraction of a second. Opening checks every shard's size and header ids
+(cheap); reading checks the served entries' checksums and that their stored floats are
+finite. A mismatch raises :class:`BankCorruptError` naming the file and the repair (``regrad
+verify --repair``, then ``regrad build`` recomputes what was dropped); non-finite gradients
+are refused at write time.
 
 One writer: every writing bank object holds an exclusive lock (:class:`~regrad_engine.files.WriterLock`,
 one per manifest, so distributed workers write side by side); a second writer gets
@@ -37,11 +46,11 @@ bank object is not thread-safe.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -54,6 +63,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from regrad_engine.compression import StorageFormat, parse_storage
 from regrad_engine.errors import (
     BankCorruptError,
     BankError,
@@ -80,8 +90,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAIN_MANIFEST = "manifest.json"
-_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+_DIGEST = 16  # bytes of an entry checksum and of a text hash
+_NO_TEXT = bytes(_DIGEST)  # packed text hash of an entry stored without one
 _WORKER_MANIFEST_RE = re.compile(r"^manifest\.w(\d{3})\.json$")
 
 
@@ -94,13 +104,16 @@ def _library_version() -> str:
         return "unknown"
 
 
-def _norm_dtype(storage_dtype: str) -> str:
-    if not isinstance(storage_dtype, str):
-        raise InvalidInputError(f"storage_dtype must be a string (fp32, bf16 or fp16), got {storage_dtype!r}")
-    name = _DTYPE_ALIASES.get(storage_dtype.lower(), storage_dtype.lower())
-    if name not in _DTYPES:
-        raise InvalidInputError(f"unknown storage_dtype {storage_dtype!r}: use one of fp32, bf16, fp16")
-    return name
+def _norm_dtype(storage_dtype: str, shapes: dict | None = None) -> str:
+    """The canonical ``storage_dtype`` name; with ``shapes``, also checks that its stored
+    parts' names do not collide with the keys."""
+    try:
+        storage = parse_storage(storage_dtype)
+        if shapes is not None:
+            storage.layout(shapes)
+    except ValueError as err:
+        raise InvalidInputError(str(err)) from None
+    return storage.name
 
 
 def _norm_shapes(shapes: Any) -> dict[str, tuple[int, ...]]:
@@ -173,31 +186,101 @@ def _manifest_problem(data: dict) -> str | None:
         return "no 'binding'"
     if not isinstance(data.get("shapes"), dict) or not data["shapes"]:
         return "no 'shapes'"
-    if data.get("storage_dtype") not in _DTYPES:
+    try:
+        storage = parse_storage(data.get("storage_dtype"))
+    except ValueError:
         return f"unknown storage_dtype {data.get('storage_dtype')!r}"
+    if "storage" in data and data["storage"] != storage.describe():
+        return f"its 'storage' record {data['storage']!r} does not match storage_dtype {storage.name!r}"
     if not isinstance(data.get("shards"), list) or not isinstance(data.get("deleted", []), list):
         return "no 'shards' list"
     for shard in data["shards"]:
         if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not isinstance(shard.get("ids"), list):
             return f"shard record {shard!r} lacks file/ids"
         for field in ("sums", "texts"):
-            if field in shard and (not isinstance(shard[field], list) or len(shard[field]) != len(shard["ids"])):
-                return f"shard {shard['file']}: '{field}' does not list one value per id"
+            value = shard.get(field)
+            if isinstance(value, str):  # format 3: packed, 32 hex digits per id
+                fits = len(value) == 2 * _DIGEST * len(shard["ids"])
+            else:  # format 2: a list
+                fits = field not in shard or isinstance(value, list) and len(value) == len(shard["ids"])
+            if not fits:
+                return f"shard {shard['file']}: '{field}' does not hold one value per id"
     return None
 
 
+def _packed(values: list | str | None, field: str, file: str) -> bytes | None:
+    """A manifest's per-entry checksums or text hashes as bytes (16 per entry): format 3
+    packs them as one hex string, format 2 listed them (None for an entry without a text hash)."""
+    if values is None:
+        return None
+    try:
+        if isinstance(values, str):
+            return bytes.fromhex(values)
+        return b"".join(_NO_TEXT if v is None else bytes.fromhex(v) for v in values)
+    except (TypeError, ValueError):
+        raise BankCorruptError(f"bank manifest: shard {file} has a '{field}' value that is not a hex digest: "
+                               "delete the bank directory and run `regrad build` again") from None
+
+
+class _Shard:
+    """One shard file as the manifest records it: ids in row order, size, and per entry a
+    checksum and a text hash, packed (16 bytes each; None in banks too old to have them)."""
+
+    __slots__ = ("file", "ids", "bytes", "sums", "texts")
+
+    def __init__(self, file: str, ids: list[str], size: int | None, sums: bytes | None, texts: bytes | None):
+        self.file, self.ids, self.bytes, self.sums, self.texts = file, ids, size, sums, texts
+
+    @classmethod
+    def from_record(cls, record: dict) -> _Shard:
+        file = record["file"]
+        return cls(file, list(record["ids"]), record.get("bytes"), _packed(record.get("sums"), "sums", file),
+                   _packed(record.get("texts"), "texts", file))
+
+    def record(self) -> dict:
+        out: dict[str, Any] = {"file": self.file, "ids": self.ids}
+        if self.bytes is not None:
+            out["bytes"] = self.bytes
+        if self.sums is not None:
+            out["sums"] = self.sums.hex()
+        if self.texts is not None:
+            out["texts"] = self.texts.hex()
+        return out
+
+    def checksum(self, row: int) -> bytes | None:
+        return None if self.sums is None else self.sums[row * _DIGEST:(row + 1) * _DIGEST]
+
+    def text_hash(self, row: int) -> str | None:
+        if self.texts is None:
+            return None
+        value = self.texts[row * _DIGEST:(row + 1) * _DIGEST]
+        return None if value == _NO_TEXT else value.hex()
+
+
+def _digest(parts: dict[str, torch.Tensor]) -> bytes:
+    digest = hashlib.blake2b(digest_size=_DIGEST)
+    for name in sorted(parts):
+        digest.update(name.encode())
+        digest.update(parts[name].detach().contiguous().view(torch.uint8).numpy())
+    return digest.digest()
+
+
 def entry_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """Checksum of one entry's bytes (storage dtype), keys in sorted order."""
-    digest = hashlib.blake2b(digest_size=16)
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].detach().contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
+    """Checksum of one entry's stored bytes: every part (for the float kinds, one tensor per
+    key), names in sorted order."""
+    return _digest(tensors).hex()
 
 
 def text_hash(text: str) -> str:
     """Hash of the text a gradient was computed from (content-aware rebuilds)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _check_text_hash(value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and len(value) == 2 * _DIGEST
+                                  and all(c in "0123456789abcdef" for c in value)):
+        raise InvalidInputError(f"text hashes must come from regrad_engine.bank.text_hash (32 hex digits), got {value!r}")
+    return value
 
 
 def _writer_lock(path: Path, worker: int | None) -> WriterLock:
@@ -249,10 +332,12 @@ class GradientBank:
         path: Bank directory.
         binding: What the bank is bound to (base model fingerprint, meta checkpoint...).
         shapes: ``{key: shape}`` of every stored gradient.
-        storage_dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        storage_dtype: ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"`` or ``"int8-rank<q>"``.
     """
 
-    FORMAT_VERSION = 2  # 2: per-shard size, entry checksums and text hashes (1 is still read)
+    # 2: per-shard size, entry checksums and text hashes; 3: compressed kinds (the manifest's
+    # "storage" record), checksums and text hashes packed per shard. 1 and 2 are still read.
+    FORMAT_VERSION = 3
 
     # ---------------------------------------------------------------- construction
     def __init__(self, path: Path, meta: dict, base: dict | None, worker: int, num_workers: int,
@@ -262,11 +347,12 @@ class GradientBank:
         self._worker, self._num_workers = worker, num_workers
         self._binding = meta["binding"]
         self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in meta["shapes"].items()}
-        self.storage_dtype: str = meta["storage_dtype"]
-        self._dtype = _DTYPES[self.storage_dtype]
+        self._format: StorageFormat = parse_storage(meta["storage_dtype"])
+        self.storage_dtype: str = self._format.name
+        self._layout = self._format.layout(self.shapes)  # stored part -> (shape, dtype) of one entry
         self.shard_size = int(shard_size or meta.get("shard_size", 64))
         self.flush_seconds = float(flush_seconds)
-        self._pending: dict[str, tuple[dict[str, torch.Tensor], str | None]] = {}  # id -> ({key: (*shape)}, text hash)
+        self._pending: dict[str, tuple[dict[str, torch.Tensor], str | None]] = {}  # id -> ({part: ...}, text hash)
         self._handles: dict[str, Any] = {}
         self._closed = False
         self._session = secrets.token_hex(4)  # shard names of this writer never collide with another's
@@ -280,36 +366,37 @@ class GradientBank:
     def _load(self, meta: dict, base: dict | None) -> None:
         """Take the shard lists of a manifest (and, in worker mode, of the merged base)."""
         self._on_disk = meta
-        self._shards: list[dict] = [dict(s, ids=list(s["ids"])) for s in meta["shards"]]
+        self._shards: list[_Shard] = [_Shard.from_record(s) for s in meta["shards"]]
         self._deleted: set[str] = set(meta.get("deleted", []))
         # Worker mode: the merged main manifest (if any) is a read-only base layer.
-        self._base_shards: list[dict] = list(base["shards"]) if base else []
+        self._base_shards: list[_Shard] = [_Shard.from_record(s) for s in base["shards"]] if base else []
         self._base_deleted: set[str] = set(base.get("deleted", [])) if base else set()
-        self._by_file = {s["file"]: s for s in self._base_shards + self._shards}
         self.damaged_shards: dict[str, str] = {}
         for shard in self._base_shards + self._shards:
             problem = self._shard_problem(shard)
             if problem and self._strict:
-                raise BankCorruptError(f"shard {shard['file']} of the Gradient Bank at {self.path} {problem}: {_REPAIR}")
+                raise BankCorruptError(f"shard {shard.file} of the Gradient Bank at {self.path} {problem}: {_REPAIR}")
             if problem:
-                self.damaged_shards[shard["file"]] = problem
+                self.damaged_shards[shard.file] = problem
         self._build_index()
 
-    def _shard_problem(self, shard: dict) -> str | None:
+    def _shard_problem(self, shard: _Shard) -> str | None:
         """Cheap checks of one shard file: present, of the recorded size, holding the listed ids."""
-        file = self.path / shard["file"]
-        if not file.is_file():
+        file = self.path / shard.file
+        try:
+            size = file.stat().st_size
+        except OSError:
             return "is missing"
-        if "bytes" in shard and file.stat().st_size != shard["bytes"]:
-            return f"has {file.stat().st_size} bytes, the manifest recorded {shard['bytes']} (truncated or replaced)"
+        if shard.bytes is not None and size != shard.bytes:
+            return f"has {size} bytes, the manifest recorded {shard.bytes} (truncated or replaced)"
         try:
             handle = safe_open(str(file), framework="pt")
             stored = json.loads((handle.metadata() or {}).get("regrad_ids", "null"))
         except Exception as exc:  # safetensors raises its own error types for a damaged header
             return f"cannot be read ({exc})"
-        if stored != shard["ids"]:
+        if stored != shard.ids:
             return "holds other documents than the manifest lists (files swapped or overwritten)"
-        self._handles[shard["file"]] = handle
+        self._handles[shard.file] = handle
         return None
 
     @staticmethod
@@ -334,7 +421,8 @@ class GradientBank:
         name = cls._manifest_name(worker, num_workers)
         if path.exists() and not path.is_dir():
             raise BankError(f"{path} is a file: a Gradient Bank is a directory")
-        binding, shapes, dtype = _norm_binding(binding), _norm_shapes(shapes), _norm_dtype(storage_dtype)
+        binding, shapes = _norm_binding(binding), _norm_shapes(shapes)
+        dtype = _norm_dtype(storage_dtype, shapes)
         if not isinstance(shard_size, int) or shard_size < 1:
             raise InvalidInputError(f"shard_size must be a positive int, got {shard_size!r}")
         if (path / name).exists() or (num_workers == 1 and cls._worker_manifests(path)):
@@ -346,9 +434,9 @@ class GradientBank:
             cls._check_meta(base, path, binding, shapes, dtype)
         path.mkdir(parents=True, exist_ok=True)
         meta = dict(format_version=cls.FORMAT_VERSION, binding=binding,
-                    shapes={k: list(v) for k, v in shapes.items()}, storage_dtype=dtype, shard_size=shard_size,
-                    worker=worker, num_workers=num_workers, shards=[], deleted=[],
-                    library_version=_library_version())
+                    shapes={k: list(v) for k, v in shapes.items()}, storage_dtype=dtype,
+                    storage=parse_storage(dtype).describe(), shard_size=shard_size, worker=worker,
+                    num_workers=num_workers, shards=[], deleted=[], library_version=_library_version())
         lock = _writer_lock(path, None if num_workers == 1 else worker)
         _take(lock, path)
         try:
@@ -439,7 +527,7 @@ class GradientBank:
             stored = _norm_shapes(meta["shapes"])
             bad = sorted(k for k in set(stored) | set(shapes) if stored.get(k) != shapes.get(k))
             problems += [f"shape of {k}: bank has {stored.get(k)}, this run has {shapes.get(k)}" for k in bad[:5]]
-        if dtype is not None and meta["storage_dtype"] != dtype:
+        if dtype is not None and _norm_dtype(meta["storage_dtype"]) != dtype:
             problems.append(f"storage_dtype: bank has {meta['storage_dtype']!r}, this run asks {dtype!r}")
         if problems:
             raise BankMismatchError(f"the Gradient Bank at {path} does not match this run:\n  - "
@@ -459,36 +547,54 @@ class GradientBank:
         return copy.deepcopy(self._binding)
 
     def _build_index(self) -> None:
-        index: dict[str, tuple[str, int]] = {}
-        for s in self._base_shards:
-            if s["file"] not in self.damaged_shards:
-                index.update((i, (s["file"], r)) for r, i in enumerate(s["ids"]))
+        """id -> position, where shard j holds positions ``_starts[j]`` onwards (an int per id
+        keeps a million-entry index quick to build)."""
+        self._index: dict[str, int] = {}
+        self._order: list[_Shard] = []
+        self._starts: list[int] = []
+        for shard in self._base_shards:
+            self._append_to_index(shard)
         for i in self._base_deleted:
-            index.pop(i, None)
-        for s in self._shards:  # later shards win (overwrite)
-            if s["file"] not in self.damaged_shards:
-                index.update((i, (s["file"], r)) for r, i in enumerate(s["ids"]))
+            self._index.pop(i, None)
+        for shard in self._shards:  # later shards win (overwrite)
+            self._append_to_index(shard)
         for i in self._deleted:
-            index.pop(i, None)
-        self._index = index  # id -> (shard file, row)
+            self._index.pop(i, None)
+
+    def _append_to_index(self, shard: _Shard) -> None:
+        if shard.file in self.damaged_shards:
+            return
+        start = self._starts[-1] + len(self._order[-1].ids) if self._order else 0
+        self._order.append(shard)
+        self._starts.append(start)
+        self._index.update(zip(shard.ids, range(start, start + len(shard.ids))))
+
+    def _locate(self, doc_id: str) -> tuple[_Shard, int] | None:
+        """(shard, row) of a flushed id, or None."""
+        position = self._index.get(doc_id)
+        if position is None:
+            return None
+        j = bisect.bisect_right(self._starts, position) - 1
+        return self._order[j], position - self._starts[j]
 
     def _meta(self) -> dict:
         return dict(format_version=self.FORMAT_VERSION, binding=self._binding,
                     shapes={k: list(v) for k, v in self.shapes.items()}, storage_dtype=self.storage_dtype,
-                    shard_size=self.shard_size, worker=self._worker, num_workers=self._num_workers,
-                    shards=self._shards, deleted=sorted(self._deleted), library_version=_library_version())
+                    storage=self._format.describe(), shard_size=self.shard_size, worker=self._worker,
+                    num_workers=self._num_workers, shards=[s.record() for s in self._shards],
+                    deleted=sorted(self._deleted), library_version=_library_version())
 
     def _write_manifest(self) -> None:
-        meta = self._meta()
+        meta = self._meta()  # JSON types only: equal to what reading the file back gives
         atomic_write_json(self.path / self._manifest_name(self._worker, self._num_workers), meta)
-        self._on_disk = json.loads(json.dumps(meta))
+        self._on_disk = meta
 
     def _alive(self) -> None:
         if self._closed:
             raise BankError(f"the Gradient Bank at {self.path} is closed: open it again")
 
     def __len__(self) -> int:
-        return len(self._index.keys() | self._pending.keys())
+        return len(self._index) + sum(1 for i in self._pending if i not in self._index)
 
     def __contains__(self, doc_id: object) -> bool:
         return doc_id in self._pending or doc_id in self._index
@@ -501,16 +607,12 @@ class GradientBank:
         """Hash of the text the stored gradient was computed from (None if not recorded)."""
         if doc_id in self._pending:
             return self._pending[doc_id][1]
-        loc = self._index.get(doc_id)
-        if loc is None:
-            return None
-        texts = self._by_file[loc[0]].get("texts")
-        return texts[loc[1]] if texts else None
+        loc = self._locate(doc_id)
+        return None if loc is None else loc[0].text_hash(loc[1])
 
     def nbytes_per_document(self) -> int:
-        """Bytes one document's gradient takes on disk (storage dtype, tensor data only)."""
-        itemsize = torch.empty((), dtype=self._dtype).element_size()
-        return sum(math.prod(s) for s in self.shapes.values()) * itemsize
+        """Bytes one document's gradient takes on disk (stored parts, tensor data only)."""
+        return self._format.nbytes(self.shapes)
 
     # ---------------------------------------------------------------- writing
     def _validate(self, grad: Any, batch: int | None) -> None:
@@ -527,14 +629,24 @@ class GradientBank:
                 raise BankError(f"gradient {key!r} must be a floating-point Tensor, got {getattr(t, 'dtype', type(t))}")
             if tuple(t.shape) != want:
                 raise BankError(f"gradient {key!r} has shape {tuple(t.shape)}, the bank expects {want}")
-            if not bool(torch.isfinite(t.to(self._dtype)).all()):
+
+    def _encode(self, grads: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """Stored parts ``{part: (batch, ...)}`` of validated gradients; refuses values that are
+        not finite once stored (e.g. 1e6 in fp16), so nothing non-finite is ever written."""
+        parts: dict[str, torch.Tensor] = {}
+        for key in self.shapes:
+            t = grads[key].reshape(batch, *self.shapes[key])
+            encoded = self._format.encode(key, t)
+            if not (bool(torch.isfinite(t).all()) and all(bool(torch.isfinite(v).all()) for v in encoded.values()
+                                                          if v.is_floating_point())):
                 raise BankError(f"gradient {key!r} contains NaN/Inf (in {self.storage_dtype}): it is not stored; "
                                 "check the model and the document")
+            parts.update(encoded)
+        return parts
 
-    def _put(self, doc_id: str, grad: dict[str, torch.Tensor], text: str | None) -> None:
+    def _put(self, doc_id: str, parts: dict[str, torch.Tensor], text: str | None) -> None:
         self._pending.pop(doc_id, None)  # a re-added id moves to the end
-        self._pending[doc_id] = ({k: grad[k].detach().to(device="cpu", dtype=self._dtype, copy=True)
-                                  for k in self.shapes}, text)
+        self._pending[doc_id] = (parts, text)
 
     def _flush_if_due(self) -> None:
         if len(self._pending) >= self.shard_size or time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -555,11 +667,13 @@ class GradientBank:
         """
         self._alive()
         _check_id(doc_id)
+        _check_text_hash(text_hash)
         self._validate(grad, None)
+        parts = self._encode(grad, 1)
         self.begin_writing()
         if not overwrite and doc_id in self:
             raise BankError(f"document {doc_id!r} is already in the bank: pass overwrite=True to replace it")
-        self._put(doc_id, grad, text_hash)
+        self._put(doc_id, {name: v[0] for name, v in parts.items()}, text_hash)
         self._flush_if_due()
 
     def add_batch(self, doc_ids: list[str], grads: dict[str, torch.Tensor], *, overwrite: bool = False,
@@ -572,12 +686,15 @@ class GradientBank:
             raise BankError("add_batch got the same document id twice in one batch")
         if text_hashes is not None and len(text_hashes) != len(doc_ids):
             raise InvalidInputError(f"got {len(text_hashes)} text hashes for {len(doc_ids)} documents")
+        for value in text_hashes or []:
+            _check_text_hash(value)
         self._validate(grads, len(doc_ids))
+        parts = self._encode(grads, len(doc_ids))
         self.begin_writing()
         if not overwrite and (dup := [i for i in doc_ids if i in self]):
             raise BankError(f"document {dup[0]!r} is already in the bank: pass overwrite=True to replace it")
         for n, doc_id in enumerate(doc_ids):
-            self._put(doc_id, {k: v[n] for k, v in grads.items()}, text_hashes[n] if text_hashes else None)
+            self._put(doc_id, {name: v[n] for name, v in parts.items()}, text_hashes[n] if text_hashes else None)
         self._flush_if_due()
 
     def flush(self) -> None:
@@ -587,23 +704,23 @@ class GradientBank:
             return
         self.begin_writing()
         ids = list(self._pending)
-        shard = self._write_shard(ids, {k: torch.stack([self._pending[i][0][k] for i in ids]) for k in self.shapes},
-                                  [self._pending[i][1] for i in ids])
+        shard = self._write_shard(ids, {name: torch.stack([self._pending[i][0][name] for i in ids])
+                                        for name in self._layout}, [self._pending[i][1] for i in ids])
         self._shards.append(shard)
-        self._by_file[shard["file"]] = shard
         self._deleted.difference_update(ids)  # re-added after a delete: alive again
         self._write_manifest()
         self._pending.clear()
-        self._build_index()
+        self._append_to_index(shard)  # the newest shard wins: no full rebuild per flush
 
-    def _write_shard(self, ids: list[str], tensors: dict[str, torch.Tensor], texts: list[str | None]) -> dict:
-        """Write rows ``(n, *shape)`` of ``ids`` as this writer's next shard file (atomic); its manifest record."""
+    def _write_shard(self, ids: list[str], parts: dict[str, torch.Tensor], texts: list[str | None]) -> _Shard:
+        """Write stored parts ``{part: (n, ...)}`` of ``ids`` as this writer's next shard file (atomic)."""
         file = f"{self._shard_prefix}-{self._session}-{self._next_seq:06d}.safetensors"
         self._next_seq += 1
-        sums = [entry_checksum({k: v[row] for k, v in tensors.items()}) for row in range(len(ids))]
+        sums = b"".join(_digest({name: v[row] for name, v in parts.items()}) for row in range(len(ids)))
         atomic_write(self.path / file, lambda tmp: save_file(
-            tensors, str(tmp), metadata={"regrad_ids": json.dumps(ids), "regrad_format_version": str(self.FORMAT_VERSION)}))
-        return dict(file=file, ids=ids, bytes=(self.path / file).stat().st_size, sums=sums, texts=texts)
+            parts, str(tmp), metadata={"regrad_ids": json.dumps(ids), "regrad_format_version": str(self.FORMAT_VERSION)}))
+        packed = b"".join(_NO_TEXT if t is None else bytes.fromhex(t) for t in texts)
+        return _Shard(file, ids, (self.path / file).stat().st_size, sums, packed)
 
     def delete(self, doc_ids: str | Iterable[str]) -> int:
         """Deletes documents (tombstones; :meth:`compact` removes their bytes). Returns how many were deleted.
@@ -635,29 +752,28 @@ class GradientBank:
                             "files: run `regrad merge --store <the store above it>` before compacting")
         self.flush()
         self.begin_writing()
-        own = {s["file"] for s in self._shards}
+        own = {s.file for s in self._shards}
         before = sum((self.path / f).stat().st_size for f in own if (self.path / f).is_file())
-        live = [i for i, (f, _) in self._index.items() if f in own]
-        new_shards: list[dict] = []
+        live = [i for i in self._index if self._locate(i)[0].file in own]
+        new_shards: list[_Shard] = []
         for start in range(0, len(live), self.shard_size):
             ids = live[start:start + self.shard_size]
-            entries = [self._read_entry(i) for i in ids]
-            new_shards.append(self._write_shard(ids, {k: torch.stack([e[k] for e in entries]) for k in self.shapes},
-                                                [self.text_hash(i) for i in ids]))
-        base_ids = {i for s in self._base_shards for i in s["ids"]}
+            entries = [self._read_entry(i) for i in ids]  # stored bytes, copied as they are
+            new_shards.append(self._write_shard(ids, {name: torch.stack([e[name] for e in entries])
+                                                      for name in self._layout}, [self.text_hash(i) for i in ids]))
+        base_ids = {i for s in self._base_shards for i in s.ids}
         self._shards, self._deleted = new_shards, self._deleted & base_ids
         self._write_manifest()
         self._handles = {f: h for f, h in self._handles.items() if f not in own}
         self.damaged_shards = {f: why for f, why in self.damaged_shards.items() if f not in own}
         for f in own:
             (self.path / f).unlink(missing_ok=True)
-        self._by_file = {s["file"]: s for s in self._base_shards + self._shards}
         self._build_index()
-        return before - sum(s["bytes"] for s in new_shards)
+        return before - sum(s.bytes for s in new_shards)
 
     # ---------------------------------------------------------------- reading
     def _read_entry(self, doc_id: str) -> dict[str, torch.Tensor]:
-        """One document's tensors in the storage dtype ``{key: (*shape)}``, checksum- and value-checked."""
+        """One document's stored parts as stored ``{part: ...}``, checksum- and value-checked."""
         entry, problem = self._load_entry(doc_id)
         if problem:
             raise BankCorruptError(f"{problem}: {_REPAIR}")
@@ -667,51 +783,51 @@ class GradientBank:
         """(entry, None), or (partial entry, what is wrong with it) for a damaged one."""
         if doc_id in self._pending:
             return self._pending[doc_id][0], None
-        loc = self._index.get(doc_id)
+        loc = self._locate(doc_id)
         if loc is None:
             raise UnknownDocumentError(f"unknown document id {doc_id!r}: it is not in the bank at {self.path} "
                                        "(build it with `regrad build`, or check the retriever's corpus)")
-        file, row = loc
-        handle = self._handles.get(file)
+        shard, row = loc
+        handle = self._handles.get(shard.file)
         if handle is None:
-            handle = self._handles[file] = safe_open(str(self.path / file), framework="pt")
+            handle = self._handles[shard.file] = safe_open(str(self.path / shard.file), framework="pt")
         try:
-            entry = {k: handle.get_slice(k)[row] for k in self.shapes}
+            entry = {name: handle.get_slice(name)[row] for name in self._layout}
         except Exception as exc:  # a damaged file: safetensors' own error types
-            return {}, f"cannot read the gradient of {doc_id!r} from {self.path / file} ({exc})"
-        sums = self._by_file[file].get("sums")
-        if sums is not None and entry_checksum(entry) != sums[row]:
-            return entry, (f"the gradient of {doc_id!r} in {self.path / file} does not match its checksum "
+            return {}, f"cannot read the gradient of {doc_id!r} from {self.path / shard.file} ({exc})"
+        expected = shard.checksum(row)
+        if expected is not None and _digest(entry) != expected:
+            return entry, (f"the gradient of {doc_id!r} in {self.path / shard.file} does not match its checksum "
                            "(the file was changed on disk)")
-        if not all(bool(torch.isfinite(t).all()) for t in entry.values()):
-            return entry, f"the gradient of {doc_id!r} in {self.path / file} holds NaN/Inf"
+        if not all(bool(torch.isfinite(t).all()) for t in entry.values() if t.is_floating_point()):
+            return entry, f"the gradient of {doc_id!r} in {self.path / shard.file} holds NaN/Inf"
         return entry, None
 
     def get(self, doc_id: str) -> dict[str, torch.Tensor]:
-        """One document's gradient as float32 tensors ``{key: (*shape)}``."""
+        """One document's gradient as float32 tensors ``{key: (*shape)}`` (dequantised)."""
         self._alive()
-        return {k: v.to(torch.float32, copy=True) for k, v in self._read_entry(doc_id).items()}
+        return self._format.decode_sum(self.shapes, [self._read_entry(doc_id)])
 
     def sum(self, doc_ids: list[str]) -> dict[str, torch.Tensor]:
         """Float32 sum of the stored gradients (zeros for an empty list): ``{key: (*shape)}``.
+        Reads and dequantises only these entries: O(len(doc_ids)), whatever the bank's size.
 
         Raises:
             UnknownDocumentError: An id is not in the bank.
             BankCorruptError: A stored entry is damaged (it is never served).
         """
         self._alive()
-        out = {k: torch.zeros(s, dtype=torch.float32) for k, s in self.shapes.items()}
-        for doc_id in doc_ids:
-            for k, v in self._read_entry(doc_id).items():
-                out[k] += v.to(torch.float32)
-        return out
+        return self._format.decode_sum(self.shapes, [self._read_entry(i) for i in doc_ids])
 
     def sum_batch(self, id_lists: list[list[str]]) -> dict[str, torch.Tensor]:
-        """Per-row sums: each value is ``(B, *shape)``, row b = sum over ``id_lists[b]``."""
+        """Per-row sums: each value is ``(B, *shape)``, row b = sum over ``id_lists[b]`` (an id
+        in several rows is read once)."""
         self._alive()
         out = {k: torch.zeros((len(id_lists), *s), dtype=torch.float32) for k, s in self.shapes.items()}
+        read: dict[str, dict[str, torch.Tensor]] = {}
         for b, ids in enumerate(id_lists):
-            for k, v in self.sum(ids).items():
+            entries = [read[i] if i in read else read.setdefault(i, self._read_entry(i)) for i in ids]
+            for k, v in self._format.decode_sum(self.shapes, entries).items():
                 out[k][b] = v
         return out
 
@@ -731,18 +847,18 @@ class GradientBank:
         try:
             report = VerifyReport()
             report.damaged_shards = dict(bank.damaged_shards)
-            lost = {i for s in bank._shards if s["file"] in report.damaged_shards for i in s["ids"]}
+            lost = {i for s in bank._shards if s.file in report.damaged_shards for i in s.ids}
             for doc_id in list(bank._index):
                 report.entries_checked += 1
                 problem = bank._load_entry(doc_id)[1]
                 if problem:
                     report.damaged[doc_id] = problem
-            listed = {s["file"] for s in bank._base_shards + bank._shards}
+            listed = {s.file for s in bank._base_shards + bank._shards}
             if not bank._worker_manifests(bank.path):  # every shard file belongs to this manifest
                 report.stray_files = sorted(p.name for p in bank.path.glob("shard-*.safetensors") if p.name not in listed)
             if repair and (not report.ok or report.stray_files):
                 bank.begin_writing()
-                bank._shards = [s for s in bank._shards if s["file"] not in report.damaged_shards]
+                bank._shards = [s for s in bank._shards if s.file not in report.damaged_shards]
                 # every id of a dropped shard is gone (an older copy elsewhere must not come back)
                 bank._deleted.update(lost | set(report.damaged))
                 report.damaged.update({i: "in a dropped shard" for i in lost if i not in report.damaged})
@@ -821,7 +937,8 @@ class GradientBank:
             live |= rows - set(metas[w]["deleted"])
         all_rows = {i for s in shards for i in s["ids"]}
         meta = dict(ref, shards=shards, deleted=sorted((deleted - live) & all_rows), worker=0, num_workers=1,
-                    format_version=cls.FORMAT_VERSION, library_version=_library_version())
+                    storage=parse_storage(ref["storage_dtype"]).describe(), format_version=cls.FORMAT_VERSION,
+                    library_version=_library_version())
         atomic_write_json(path / _MAIN_MANIFEST, meta)
         for p in found.values():
             p.unlink()

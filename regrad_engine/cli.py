@@ -420,6 +420,15 @@ def _config_overrides(args) -> dict:
     return out
 
 
+def _storage_kind(value: str) -> str:
+    from regrad_engine.compression import parse_storage
+
+    try:
+        return parse_storage(value).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="regrad", description="ReGrad: retrievable gradients for RAG apps")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -455,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", help="meta checkpoint directory (from `regrad train`)")
     p.add_argument("--store", required=True, help="store directory (bank + index)")
     p.add_argument("--chunk-tokens", dest="chunk_tokens", type=int, default=200, help="max tokens per chunk")
-    p.add_argument("--storage-dtype", dest="storage_dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--storage", "--storage-dtype", dest="storage_dtype", default="bf16", type=_storage_kind,
+                   metavar="KIND", help="how gradients are stored: fp32, bf16 (default), fp16, int8 (~2x smaller "
+                   "than bf16), int8-rank<q> (int8 rank-q factors, e.g. int8-rank7: 4.4x smaller for LoRA rank 16; "
+                   "see the README's Compressed banks)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="documents per backward pass")
     p.add_argument("--update", action="store_true", help="recompute every gradient (documents whose text changed "
                    "are recomputed without it)")

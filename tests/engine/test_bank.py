@@ -57,7 +57,7 @@ def test_roundtrip_fp32_exact_and_reopen(tmp_path):
     for i, g in enumerate(grads):
         assert_exact(bank.get(f"d{i}"), g)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["storage_dtype"] == "fp32"
+    assert manifest["format_version"] == 3 and manifest["storage_dtype"] == "fp32"
     assert [len(s["ids"]) for s in manifest["shards"]] == [2, 2, 1]
     assert bank.nbytes_per_document() == 4 * sum(a * b for a, b in SHAPES.values())
 
@@ -200,8 +200,8 @@ def test_invalid_input(tmp_path):
         bank.add("", g)
     with pytest.raises(ValueError, match="must be str"):
         bank.add(3, g)  # type: ignore[arg-type]
-    with pytest.raises(BankError, match="fp32, bf16, fp16"):
-        GradientBank.create(tmp_path / "x", binding=BINDING, shapes=SHAPES, storage_dtype="int8")
+    with pytest.raises(BankError, match="fp32, bf16, fp16, int8"):
+        GradientBank.create(tmp_path / "x", binding=BINDING, shapes=SHAPES, storage_dtype="int4")
     with pytest.raises(BankError, match="batch"):
         bank.add_batch(["a", "a"], {k: torch.zeros(2, *s) for k, s in SHAPES.items()})
     assert len(bank) == 0

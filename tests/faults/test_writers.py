@@ -50,7 +50,7 @@ def test_interleaved_writers_never_mix_documents(tmp_path):
     bank = GradientBank.open(tmp_path / "b")
     assert bank.ids() == ["one", "two"]
     assert bank.get("one")["a"].unique().tolist() == [1.0] and bank.get("two")["a"].unique().tolist() == [2.0]
-    names = [s["file"] for s in bank._shards]
+    names = [s.file for s in bank._shards]
     assert len(set(names)) == len(names) == 2  # each writer session names its own shards
 
 
