@@ -71,3 +71,38 @@ def test_batched_generation_equals_one_at_a_time_on_cuda(tokenizer, tmp_path):
         together = engine.answer_batch(questions, mode=mode)
         for answer in together:
             assert engine.answer(answer.question, mode=mode).text == answer.text
+
+
+def _deep_space(model):
+    """LoRA on both layers' MLPs: the double backward runs through layer 1's attention."""
+    from peft import LoraConfig
+
+    from regrad_engine.lora import LoraSpace
+
+    return LoraSpace(model, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                       layers_to_transform=[0, 1], layers_pattern="layers", lora_dropout=0.0))
+
+
+def _meta_gradient(model, tokenizer, space, phi0, tasks, **options):
+    phi = {k: v.clone().requires_grad_(True) for k, v in phi0.items()}
+    alpha = {k: v.requires_grad_(True) for k, v in init_step_sizes(phi, "tie", 1.0).items()}
+    meta_loss(model, tokenizer, space, phi, alpha, tasks, mode="mixed", **options).backward()
+    return [p.grad for p in [*phi.values(), *alpha.values()]]
+
+
+def test_meta_gradient_on_cuda_sdpa_with_checkpointing_and_chunked_loss_equals_eager_plain(tokenizer):
+    """On CUDA the fused SDPA kernels have no double backward and recomputation runs in autograd's
+    own threads: the sdpa model (math backend in the inner pass, fused kernels in the outer one),
+    checkpointed, with the chunked loss, gives the eager model's plain meta-gradient."""
+    models = {attn: make_model(tokenizer, dtype=torch.float32, attn=attn).cuda() for attn in ("sdpa", "eager")}
+    spaces = {attn: _deep_space(m) for attn, m in models.items()}
+    phi = _to(random_phi(spaces["eager"], dtype=torch.float32), "cuda")
+    tasks = [MetaExample("Where was Velmora Quistan born?", ["Lisbon"], TEXTS[:2]),
+             MetaExample("Where is the Fudral Bureau based?", ["Tokyo"], TEXTS[1:3])]
+    plain = _meta_gradient(models["eager"], tokenizer, spaces["eager"], phi, tasks, loss_chunk=0)
+    lean = _meta_gradient(models["sdpa"], tokenizer, spaces["sdpa"], phi, tasks, loss_chunk=5, checkpoint_layers=True)
+    for got, want in zip(lean, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = _meta_gradient(models["sdpa"], tokenizer, spaces["sdpa"], phi, tasks, checkpoint_layers=True)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in bf16)
