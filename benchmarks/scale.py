@@ -1,10 +1,10 @@
 """Scale: meta-training tasks/s, bank-build ms/document, peak memory and the FLOP bound for
 SmolLM2-135M, the Llama-3.2-1B shape and the Llama-3.1-8B shape, in one run.
 
-    # one H100/H200, about 5 minutes, every shape (the command the README names):
+    # one H100/H200, every shape, sized for about 5 minutes (the command the README names):
     python benchmarks/scale.py --device cuda --json benchmarks/results/scale_cuda.json
-    # CPU, what fits in a few minutes:
-    nice python benchmarks/scale.py --device cpu --dtype fp32 --shapes 135m --meta-tasks 2 --bank-batches 1,4
+    # CPU, what fits (about 10 minutes on 2 shared cores; the 8b shape prints that it needs a GPU):
+    nice python benchmarks/scale.py --device cpu --shapes 135m,8b --meta-tasks 4 --bank-batches 1,8 --warmup 1 --max-steps 2
 
 The 1B and 8B shapes are built from ``LlamaConfig`` with the real sizes and RANDOM weights
 (no model hub here): speed and memory depend on the shapes, not on the values. 135M is the
