@@ -9,8 +9,8 @@ the top-k retrieved documents are fetched and summed (:meth:`GradientBank.sum`).
 Layout of a bank directory::
 
     manifest.json                       # {format_version, binding, shapes, storage_dtype, storage,
-                                        #  shards: [{file, ids, bytes, sums, texts}], deleted: [...], ...}
-    shard-m-<session>-000000.safetensors      # one stacked tensor per key: (n_rows, *shape)
+                                        #  shards: [{file, rows, bytes, row_ids, index}], deleted: [...], ...}
+    shard-m-<session>-000000.safetensors      # stacked parts (n_rows, ...) + the shard's row index
     shard-w001-<session>-000000.safetensors   # written by worker 1 of N (distributed builds)
     manifest.w001.json                  # only while worker 1 of N builds (before merge)
     .writer.lock, .writer.lock.json     # the single writer's lock and who holds it
@@ -27,13 +27,14 @@ factors (``int8-rank7``); see :mod:`regrad_engine.compression`. An entry is stor
 *parts* (for the float kinds, one tensor per key, named like the key); reads dequantise to
 float32, and a sum of k entries costs O(k) whatever the bank's size.
 
-Integrity: the manifest records each shard's size and ids (also stored in the shard's
-header) and a checksum (blake2b, over the stored bytes of every part) of every entry, plus a
-hash of the text each gradient was computed from; format 3 packs both as one hex string per
-shard (32 hex digits per entry; format 2's lists are still read), so a manifest of a million
-entries parses in a fraction of a second. Opening checks every shard's size and header ids
-(cheap); reading checks the served entries' checksums and that their stored floats are
-finite. A mismatch raises :class:`BankCorruptError` naming the file and the repair (``regrad
+Integrity: every entry has a checksum (blake2b over the stored bytes of every part) and the
+hash of the text its gradient was computed from. Format 3 keeps them, with a hash of each id,
+in the shard's row index (:mod:`regrad_engine.shard_index`); the manifest records each
+shard's rows, size, ids and the index's checksum (also in the shard's header). Formats 1-2
+listed everything in the manifest and are still read (a million entries then take seconds
+to open; format 3 opens them in about 0.3 s and finds an id by binary search over the
+hashes). Opening checks every shard's size, header and row index; reading checks the served
+entries' checksums and that their stored floats are finite. A mismatch raises :class:`BankCorruptError` naming the file and the repair (``regrad
 verify --repair``, then ``regrad build`` recomputes what was dropped); non-finite gradients
 are refused at write time.
 
@@ -46,7 +47,6 @@ bank object is not thread-safe.
 
 from __future__ import annotations
 
-import bisect
 import copy
 import hashlib
 import json
@@ -73,6 +73,7 @@ from regrad_engine.errors import (
     UnknownDocumentError,
 )
 from regrad_engine.files import LockHeld, WriterLock, atomic_write, atomic_write_json, describe_holder
+from regrad_engine.shard_index import DIGEST, INDEX_PREFIX, SEPARATOR, IdLookup, ShardIndex, record_problem
 
 __all__ = [
     "BankCorruptError",
@@ -90,8 +91,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAIN_MANIFEST = "manifest.json"
-_DIGEST = 16  # bytes of an entry checksum and of a text hash
-_NO_TEXT = bytes(_DIGEST)  # packed text hash of an entry stored without one
+_REBUILD_ROWS = 65_536  # rows flushed since the lookup was built that trigger a rebuild (at least)
 _WORKER_MANIFEST_RE = re.compile(r"^manifest\.w(\d{3})\.json$")
 
 
@@ -121,8 +121,9 @@ def _norm_shapes(shapes: Any) -> dict[str, tuple[int, ...]]:
         raise InvalidInputError("shapes must be a non-empty dict {parameter name: shape tuple}")
     out: dict[str, tuple[int, ...]] = {}
     for key, shape in shapes.items():
-        if not isinstance(key, str) or not key:
-            raise InvalidInputError(f"shape keys must be non-empty strings, got {key!r}")
+        if not isinstance(key, str) or not key or key.startswith(INDEX_PREFIX):
+            raise InvalidInputError(f"shape keys must be non-empty strings not starting with {INDEX_PREFIX!r}, "
+                                    f"got {key!r}")
         dims = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
         if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
             raise InvalidInputError(f"shape of {key!r} must be a tuple of positive ints, got {shape!r}")
@@ -142,8 +143,8 @@ def _norm_binding(binding: Any) -> dict:
 def _check_id(doc_id: Any) -> str:
     if not isinstance(doc_id, str):
         raise InvalidInputError(f"document ids must be str, got {type(doc_id).__name__} ({doc_id!r})")
-    if not doc_id:
-        raise InvalidInputError("document ids must be non-empty strings")
+    if not doc_id or SEPARATOR in doc_id:
+        raise InvalidInputError(f"document ids must be non-empty strings without NUL characters, got {doc_id!r}")
     return doc_id
 
 
@@ -195,74 +196,54 @@ def _manifest_problem(data: dict) -> str | None:
     if not isinstance(data.get("shards"), list) or not isinstance(data.get("deleted", []), list):
         return "no 'shards' list"
     for shard in data["shards"]:
-        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not isinstance(shard.get("ids"), list):
-            return f"shard record {shard!r} lacks file/ids"
-        for field in ("sums", "texts"):
-            value = shard.get(field)
-            if isinstance(value, str):  # format 3: packed, 32 hex digits per id
-                fits = len(value) == 2 * _DIGEST * len(shard["ids"])
-            else:  # format 2: a list
-                fits = field not in shard or isinstance(value, list) and len(value) == len(shard["ids"])
-            if not fits:
-                return f"shard {shard['file']}: '{field}' does not hold one value per id"
+        problem = record_problem(shard)
+        if problem:
+            return problem
     return None
 
 
-def _packed(values: list | str | None, field: str, file: str) -> bytes | None:
-    """A manifest's per-entry checksums or text hashes as bytes (16 per entry): format 3
-    packs them as one hex string, format 2 listed them (None for an entry without a text hash)."""
-    if values is None:
-        return None
+def _shard_index(record: dict, path: Path) -> ShardIndex:
     try:
-        if isinstance(values, str):
-            return bytes.fromhex(values)
-        return b"".join(_NO_TEXT if v is None else bytes.fromhex(v) for v in values)
-    except (TypeError, ValueError):
-        raise BankCorruptError(f"bank manifest: shard {file} has a '{field}' value that is not a hex digest: "
-                               "delete the bank directory and run `regrad build` again") from None
+        return ShardIndex.from_record(record)
+    except ValueError as err:
+        raise BankCorruptError(f"bank manifest {path}: shard {record['file']} is damaged ({err}): delete the bank "
+                               "directory and run `regrad build` again") from None
 
 
-class _Shard:
-    """One shard file as the manifest records it: ids in row order, size, and per entry a
-    checksum and a text hash, packed (16 bytes each; None in banks too old to have them)."""
-
-    __slots__ = ("file", "ids", "bytes", "sums", "texts")
-
-    def __init__(self, file: str, ids: list[str], size: int | None, sums: bytes | None, texts: bytes | None):
-        self.file, self.ids, self.bytes, self.sums, self.texts = file, ids, size, sums, texts
-
-    @classmethod
-    def from_record(cls, record: dict) -> _Shard:
-        file = record["file"]
-        return cls(file, list(record["ids"]), record.get("bytes"), _packed(record.get("sums"), "sums", file),
-                   _packed(record.get("texts"), "texts", file))
-
-    def record(self) -> dict:
-        out: dict[str, Any] = {"file": self.file, "ids": self.ids}
-        if self.bytes is not None:
-            out["bytes"] = self.bytes
-        if self.sums is not None:
-            out["sums"] = self.sums.hex()
-        if self.texts is not None:
-            out["texts"] = self.texts.hex()
-        return out
-
-    def checksum(self, row: int) -> bytes | None:
-        return None if self.sums is None else self.sums[row * _DIGEST:(row + 1) * _DIGEST]
-
-    def text_hash(self, row: int) -> str | None:
-        if self.texts is None:
-            return None
-        value = self.texts[row * _DIGEST:(row + 1) * _DIGEST]
-        return None if value == _NO_TEXT else value.hex()
+def _record_ids(path: Path, record: dict) -> list[str]:
+    """The ids of one shard of a manifest (format 3 keeps them in the shard file)."""
+    shard = _shard_index(record, path)
+    if shard.digest is not None:
+        try:
+            problem = shard.load(safe_open(str(path / shard.file), framework="pt"))
+        except Exception as exc:  # a missing or unreadable file: safetensors' own error types
+            problem = f"cannot be read ({exc})"
+        if problem:
+            raise BankCorruptError(f"shard {shard.file} of the Gradient Bank at {path} {problem}: {_REPAIR}")
+    return shard.ids
 
 
 def _digest(parts: dict[str, torch.Tensor]) -> bytes:
-    digest = hashlib.blake2b(digest_size=_DIGEST)
+    digest = hashlib.blake2b(digest_size=DIGEST)
     for name in sorted(parts):
         digest.update(name.encode())
         digest.update(parts[name].detach().contiguous().view(torch.uint8).numpy())
     return digest.digest()
+
+
+def _row_digests(parts: dict[str, torch.Tensor], rows: int) -> bytes:
+    """:func:`_digest` of every row of stacked parts ``{part: (rows, ...)}``, concatenated."""
+    names = sorted(parts)
+    data = [(name.encode(), parts[name].detach().contiguous().view(torch.uint8).reshape(rows, -1).numpy())
+            for name in names]
+    out = []
+    for row in range(rows):
+        digest = hashlib.blake2b(digest_size=DIGEST)
+        for name, values in data:
+            digest.update(name)
+            digest.update(values[row])
+        out.append(digest.digest())
+    return b"".join(out)
 
 
 def entry_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -277,7 +258,7 @@ def text_hash(text: str) -> str:
 
 
 def _check_text_hash(value: Any) -> str | None:
-    if value is not None and not (isinstance(value, str) and len(value) == 2 * _DIGEST
+    if value is not None and not (isinstance(value, str) and len(value) == 2 * DIGEST
                                   and all(c in "0123456789abcdef" for c in value)):
         raise InvalidInputError(f"text hashes must come from regrad_engine.bank.text_hash (32 hex digits), got {value!r}")
     return value
@@ -352,7 +333,8 @@ class GradientBank:
         self._layout = self._format.layout(self.shapes)  # stored part -> (shape, dtype) of one entry
         self.shard_size = int(shard_size or meta.get("shard_size", 64))
         self.flush_seconds = float(flush_seconds)
-        self._pending: dict[str, tuple[dict[str, torch.Tensor], str | None]] = {}  # id -> ({part: ...}, text hash)
+        # id -> (stored parts of its batch {part: (n, ...)}, its row there, text hash)
+        self._pending: dict[str, tuple[dict[str, torch.Tensor], int, str | None]] = {}
         self._handles: dict[str, Any] = {}
         self._closed = False
         self._session = secrets.token_hex(4)  # shard names of this writer never collide with another's
@@ -361,15 +343,16 @@ class GradientBank:
         self._last_flush = time.monotonic()
         self._lock = _writer_lock(path, None if num_workers == 1 else worker)
         self._strict = strict
+        self._lookup, self._base_rows, self._live_ids = IdLookup([]), 0, None
         self._load(meta, base)
 
     def _load(self, meta: dict, base: dict | None) -> None:
         """Take the shard lists of a manifest (and, in worker mode, of the merged base)."""
         self._on_disk = meta
-        self._shards: list[_Shard] = [_Shard.from_record(s) for s in meta["shards"]]
+        self._shards: list[ShardIndex] = [_shard_index(s, self.path) for s in meta["shards"]]
         self._deleted: set[str] = set(meta.get("deleted", []))
         # Worker mode: the merged main manifest (if any) is a read-only base layer.
-        self._base_shards: list[_Shard] = [_Shard.from_record(s) for s in base["shards"]] if base else []
+        self._base_shards: list[ShardIndex] = [_shard_index(s, self.path) for s in base["shards"]] if base else []
         self._base_deleted: set[str] = set(base.get("deleted", [])) if base else set()
         self.damaged_shards: dict[str, str] = {}
         for shard in self._base_shards + self._shards:
@@ -380,8 +363,9 @@ class GradientBank:
                 self.damaged_shards[shard.file] = problem
         self._build_index()
 
-    def _shard_problem(self, shard: _Shard) -> str | None:
-        """Cheap checks of one shard file: present, of the recorded size, holding the listed ids."""
+    def _shard_problem(self, shard: ShardIndex) -> str | None:
+        """Checks of one shard file when opening: present, of the recorded size, holding the
+        listed ids (format 3: its row index, read and checked here; no entry is read)."""
         file = self.path / shard.file
         try:
             size = file.stat().st_size
@@ -391,11 +375,12 @@ class GradientBank:
             return f"has {size} bytes, the manifest recorded {shard.bytes} (truncated or replaced)"
         try:
             handle = safe_open(str(file), framework="pt")
-            stored = json.loads((handle.metadata() or {}).get("regrad_ids", "null"))
+            stored = None if shard.digest else json.loads((handle.metadata() or {}).get("regrad_ids", "null"))
         except Exception as exc:  # safetensors raises its own error types for a damaged header
             return f"cannot be read ({exc})"
-        if stored != shard.ids:
-            return "holds other documents than the manifest lists (files swapped or overwritten)"
+        problem = shard.load(handle) if shard.digest else None
+        if problem or (shard.digest is None and stored != shard.ids):
+            return problem or "holds other documents than the manifest lists (files swapped or overwritten)"
         self._handles[shard.file] = handle
         return None
 
@@ -547,35 +532,52 @@ class GradientBank:
         return copy.deepcopy(self._binding)
 
     def _build_index(self) -> None:
-        """id -> position, where shard j holds positions ``_starts[j]`` onwards (an int per id
-        keeps a million-entry index quick to build)."""
-        self._index: dict[str, int] = {}
-        self._order: list[_Shard] = []
-        self._starts: list[int] = []
-        for shard in self._base_shards:
-            self._append_to_index(shard)
-        for i in self._base_deleted:
-            self._index.pop(i, None)
-        for shard in self._shards:  # later shards win (overwrite)
-            self._append_to_index(shard)
-        for i in self._deleted:
-            self._index.pop(i, None)
+        """The lookup over every readable shard, base shards first (a later shard overwrites);
+        what is alive then follows from the deleted sets (:meth:`_position`)."""
+        readable = [s for s in self._base_shards + self._shards if s.file not in self.damaged_shards]
+        self._lookup = IdLookup(readable)
+        self._base_rows = sum(s.rows for s in self._base_shards if s.file not in self.damaged_shards)
+        self._live_ids: dict[str, int] | None = None
 
-    def _append_to_index(self, shard: _Shard) -> None:
-        if shard.file in self.damaged_shards:
-            return
-        start = self._starts[-1] + len(self._order[-1].ids) if self._order else 0
-        self._order.append(shard)
-        self._starts.append(start)
-        self._index.update(zip(shard.ids, range(start, start + len(shard.ids))))
+    def _append_to_index(self, shard: ShardIndex) -> None:
+        """A newly written shard (the newest: it overwrites); the full lookup is rebuilt once the
+        shards appended since the last build hold many rows."""
+        self._lookup.append(shard)
+        self._live_ids = None
+        if self._lookup.recent > max(_REBUILD_ROWS, self._lookup.total // 8):
+            self._build_index()
 
-    def _locate(self, doc_id: str) -> tuple[_Shard, int] | None:
-        """(shard, row) of a flushed id, or None."""
-        position = self._index.get(doc_id)
-        if position is None:
+    def _position(self, doc_id: str) -> int | None:
+        """Row (over all shards) of a flushed, live id, or None."""
+        if doc_id in self._deleted:
             return None
-        j = bisect.bisect_right(self._starts, position) - 1
-        return self._order[j], position - self._starts[j]
+        row = self._lookup.find(doc_id)
+        if row is None or (row < self._base_rows and doc_id in self._base_deleted):
+            return None
+        return row
+
+    def _locate(self, doc_id: str) -> tuple[ShardIndex, int] | None:
+        """(shard, row) of a flushed, live id, or None."""
+        row = self._position(doc_id)
+        return None if row is None else self._lookup.locate(row)
+
+    def _live(self) -> dict[str, int]:
+        """Every flushed, live id -> its row, in the order ids first appeared (O(bank), built when
+        asked: for len, ids, compact and verify, never to serve a request)."""
+        if self._live_ids is None:
+            live: dict[str, int] = {}
+            for shard, start in zip(self._lookup.shards, self._lookup.starts):
+                if start == self._base_rows:
+                    for i in self._base_deleted:
+                        live.pop(i, None)
+                live.update(zip(shard.ids, range(start, start + shard.rows)))
+            if self._lookup.total == self._base_rows:
+                for i in self._base_deleted:
+                    live.pop(i, None)
+            for i in self._deleted:
+                live.pop(i, None)
+            self._live_ids = live
+        return self._live_ids
 
     def _meta(self) -> dict:
         return dict(format_version=self.FORMAT_VERSION, binding=self._binding,
@@ -594,19 +596,20 @@ class GradientBank:
             raise BankError(f"the Gradient Bank at {self.path} is closed: open it again")
 
     def __len__(self) -> int:
-        return len(self._index) + sum(1 for i in self._pending if i not in self._index)
+        live = self._live()
+        return len(live) + sum(1 for i in self._pending if i not in live)
 
     def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._pending or doc_id in self._index
+        return isinstance(doc_id, str) and (doc_id in self._pending or self._position(doc_id) is not None)
 
     def ids(self) -> list[str]:
         """All stored (flushed or pending) document ids, sorted."""
-        return sorted(self._index.keys() | self._pending.keys())
+        return sorted(self._live().keys() | self._pending.keys())
 
     def text_hash(self, doc_id: str) -> str | None:
         """Hash of the text the stored gradient was computed from (None if not recorded)."""
         if doc_id in self._pending:
-            return self._pending[doc_id][1]
+            return self._pending[doc_id][2]
         loc = self._locate(doc_id)
         return None if loc is None else loc[0].text_hash(loc[1])
 
@@ -644,9 +647,20 @@ class GradientBank:
             parts.update(encoded)
         return parts
 
-    def _put(self, doc_id: str, parts: dict[str, torch.Tensor], text: str | None) -> None:
+    def _put(self, doc_id: str, batch: dict[str, torch.Tensor], row: int, text: str | None) -> None:
         self._pending.pop(doc_id, None)  # a re-added id moves to the end
-        self._pending[doc_id] = (parts, text)
+        self._pending[doc_id] = (batch, row, text)
+
+    def _pending_parts(self, ids: list[str]) -> dict[str, torch.Tensor]:
+        """Stored parts ``{part: (len(ids), ...)}`` of pending ids, gathered batch by batch."""
+        runs: list[tuple[dict[str, torch.Tensor], list[int]]] = []  # consecutive rows of one batch
+        for i in ids:
+            batch, row, _ = self._pending[i]
+            if runs and runs[-1][0] is batch:
+                runs[-1][1].append(row)
+            else:
+                runs.append((batch, [row]))
+        return {name: torch.cat([batch[name][torch.tensor(rows)] for batch, rows in runs]) for name in self._layout}
 
     def _flush_if_due(self) -> None:
         if len(self._pending) >= self.shard_size or time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -673,7 +687,7 @@ class GradientBank:
         self.begin_writing()
         if not overwrite and doc_id in self:
             raise BankError(f"document {doc_id!r} is already in the bank: pass overwrite=True to replace it")
-        self._put(doc_id, {name: v[0] for name, v in parts.items()}, text_hash)
+        self._put(doc_id, parts, 0, text_hash)
         self._flush_if_due()
 
     def add_batch(self, doc_ids: list[str], grads: dict[str, torch.Tensor], *, overwrite: bool = False,
@@ -694,7 +708,7 @@ class GradientBank:
         if not overwrite and (dup := [i for i in doc_ids if i in self]):
             raise BankError(f"document {dup[0]!r} is already in the bank: pass overwrite=True to replace it")
         for n, doc_id in enumerate(doc_ids):
-            self._put(doc_id, {name: v[n] for name, v in parts.items()}, text_hashes[n] if text_hashes else None)
+            self._put(doc_id, parts, n, text_hashes[n] if text_hashes else None)
         self._flush_if_due()
 
     def flush(self) -> None:
@@ -704,23 +718,23 @@ class GradientBank:
             return
         self.begin_writing()
         ids = list(self._pending)
-        shard = self._write_shard(ids, {name: torch.stack([self._pending[i][0][name] for i in ids])
-                                        for name in self._layout}, [self._pending[i][1] for i in ids])
+        shard = self._write_shard(ids, self._pending_parts(ids), [self._pending[i][2] for i in ids])
         self._shards.append(shard)
         self._deleted.difference_update(ids)  # re-added after a delete: alive again
         self._write_manifest()
         self._pending.clear()
         self._append_to_index(shard)  # the newest shard wins: no full rebuild per flush
 
-    def _write_shard(self, ids: list[str], parts: dict[str, torch.Tensor], texts: list[str | None]) -> _Shard:
-        """Write stored parts ``{part: (n, ...)}`` of ``ids`` as this writer's next shard file (atomic)."""
+    def _write_shard(self, ids: list[str], parts: dict[str, torch.Tensor], texts: list[str | None]) -> ShardIndex:
+        """Write stored parts ``{part: (n, ...)}`` of ``ids`` and their row index as this
+        writer's next shard file (atomic)."""
         file = f"{self._shard_prefix}-{self._session}-{self._next_seq:06d}.safetensors"
         self._next_seq += 1
-        sums = b"".join(_digest({name: v[row] for name, v in parts.items()}) for row in range(len(ids)))
-        atomic_write(self.path / file, lambda tmp: save_file(
-            parts, str(tmp), metadata={"regrad_ids": json.dumps(ids), "regrad_format_version": str(self.FORMAT_VERSION)}))
-        packed = b"".join(_NO_TEXT if t is None else bytes.fromhex(t) for t in texts)
-        return _Shard(file, ids, (self.path / file).stat().st_size, sums, packed)
+        shard, index = ShardIndex.build(file, ids, _row_digests(parts, len(ids)), texts)
+        metadata = {"regrad_index": shard.digest, "regrad_format_version": str(self.FORMAT_VERSION)}
+        atomic_write(self.path / file, lambda tmp: save_file({**parts, **index}, str(tmp), metadata=metadata))
+        shard.bytes = (self.path / file).stat().st_size
+        return shard
 
     def delete(self, doc_ids: str | Iterable[str]) -> int:
         """Deletes documents (tombstones; :meth:`compact` removes their bytes). Returns how many were deleted.
@@ -734,13 +748,13 @@ class GradientBank:
         for i in ids:
             if i not in self:
                 raise UnknownDocumentError(f"unknown document id {i!r}: it is not in the bank at {self.path}")
-        tomb = [i for i in ids if i in self._index]
+        tomb = [i for i in ids if self._position(i) is not None]
         for i in ids:
             self._pending.pop(i, None)
         if tomb:
             self._deleted.update(tomb)
             self._write_manifest()
-            self._build_index()
+            self._live_ids = None
         return len(ids)
 
     def compact(self) -> int:
@@ -754,8 +768,8 @@ class GradientBank:
         self.begin_writing()
         own = {s.file for s in self._shards}
         before = sum((self.path / f).stat().st_size for f in own if (self.path / f).is_file())
-        live = [i for i in self._index if self._locate(i)[0].file in own]
-        new_shards: list[_Shard] = []
+        live = [i for i, row in self._live().items() if self._lookup.locate(row)[0].file in own]
+        new_shards: list[ShardIndex] = []
         for start in range(0, len(live), self.shard_size):
             ids = live[start:start + self.shard_size]
             entries = [self._read_entry(i) for i in ids]  # stored bytes, copied as they are
@@ -782,7 +796,8 @@ class GradientBank:
     def _load_entry(self, doc_id: str) -> tuple[dict[str, torch.Tensor], str | None]:
         """(entry, None), or (partial entry, what is wrong with it) for a damaged one."""
         if doc_id in self._pending:
-            return self._pending[doc_id][0], None
+            batch, row, _ = self._pending[doc_id]
+            return {name: v[row] for name, v in batch.items()}, None
         loc = self._locate(doc_id)
         if loc is None:
             raise UnknownDocumentError(f"unknown document id {doc_id!r}: it is not in the bank at {self.path} "
@@ -848,7 +863,7 @@ class GradientBank:
             report = VerifyReport()
             report.damaged_shards = dict(bank.damaged_shards)
             lost = {i for s in bank._shards if s.file in report.damaged_shards for i in s.ids}
-            for doc_id in list(bank._index):
+            for doc_id in list(bank._live()):
                 report.entries_checked += 1
                 problem = bank._load_entry(doc_id)[1]
                 if problem:
@@ -871,6 +886,18 @@ class GradientBank:
         finally:
             bank.close()
         return report
+
+    @classmethod
+    def shard_contents(cls, path: str | os.PathLike, *, worker: int = 0, num_workers: int = 1) -> dict[str, list[str]]:
+        """Shard file -> the ids of its rows, for every shard a manifest lists (rows of deleted or
+        overwritten documents included): what is on disk, for checks and tools.
+
+        Raises:
+            BankError: No such manifest. BankCorruptError: It, or a shard's row index, is damaged.
+        """
+        path = Path(path)
+        meta = _read_manifest(path / cls._manifest_name(worker, num_workers))
+        return {s["file"]: _record_ids(path, s) for s in meta["shards"]}
 
     # ---------------------------------------------------------------- merge / lifecycle
     @classmethod
@@ -924,9 +951,10 @@ class GradientBank:
         shards, deleted = list(main["shards"]) if main else [], set(main["deleted"]) if main else set()
         owner: dict[str, int] = {}
         live: set[str] = set()
+        ids = {s["file"]: _record_ids(path, s) for m in [*metas.values(), main or {"shards": []}] for s in m["shards"]}
         for w in range(n_workers):
             new = [s for s in metas[w]["shards"] if s["file"] not in done]
-            rows = {i for s in new for i in s["ids"]}
+            rows = {i for s in new for i in ids[s["file"]]}
             for i in rows:
                 if i in owner:
                     raise BankError(f"document {i!r} was written by workers {owner[i]} and {w}: workers must build "
@@ -935,7 +963,7 @@ class GradientBank:
             shards += new
             deleted |= set(metas[w]["deleted"])
             live |= rows - set(metas[w]["deleted"])
-        all_rows = {i for s in shards for i in s["ids"]}
+        all_rows = {i for s in shards for i in ids[s["file"]]}
         meta = dict(ref, shards=shards, deleted=sorted((deleted - live) & all_rows), worker=0, num_workers=1,
                     storage=parse_storage(ref["storage_dtype"]).describe(), format_version=cls.FORMAT_VERSION,
                     library_version=_library_version())

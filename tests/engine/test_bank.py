@@ -58,7 +58,8 @@ def test_roundtrip_fp32_exact_and_reopen(tmp_path):
         assert_exact(bank.get(f"d{i}"), g)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["format_version"] == 3 and manifest["storage_dtype"] == "fp32"
-    assert [len(s["ids"]) for s in manifest["shards"]] == [2, 2, 1]
+    assert [s["rows"] for s in manifest["shards"]] == [2, 2, 1]
+    assert list(GradientBank.shard_contents(tmp_path / "b").values()) == [["d0", "d1"], ["d2", "d3"], ["d4"]]
     assert bank.nbytes_per_document() == 4 * sum(a * b for a, b in SHAPES.values())
 
 

@@ -175,18 +175,20 @@ def test_a_flipped_int8_byte_is_caught_and_repaired(tmp_path):
 def test_a_nan_scale_behind_a_valid_checksum_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
+    from regrad_engine.bank import entry_checksum
+    from regrad_engine.shard_index import INDEX_PREFIX, ShardIndex
+
     with new_bank(tmp_path / "b", "int8") as bank:
         fill(bank, make_grads(2, seed=7))
     shard = next((tmp_path / "b").glob("shard-*.safetensors"))
-    tensors = load_file(shard)
-    tensors["l0.lora_A::scale"][1, 0] = float("nan")
-    save_file(tensors, shard, metadata={"regrad_ids": json.dumps(["d0", "d1"])})
+    parts = {k: v for k, v in load_file(shard).items() if not k.startswith(INDEX_PREFIX)}
+    parts["l0.lora_A::scale"][1, 0] = float("nan")
+    sums = b"".join(bytes.fromhex(entry_checksum({k: v[row] for k, v in parts.items()})) for row in range(2))
+    index, tensors = ShardIndex.build(shard.name, ["d0", "d1"], sums, [None, None])  # a forged, valid index
+    save_file({**parts, **tensors}, shard, metadata={"regrad_index": index.digest})
     path = tmp_path / "b" / "manifest.json"
     manifest = json.loads(path.read_text())
-    from regrad_engine.bank import entry_checksum
-
-    sums = [entry_checksum({k: v[row] for k, v in tensors.items()}) for row in range(2)]
-    manifest["shards"][0].update(sums="".join(sums), bytes=shard.stat().st_size)
+    manifest["shards"][0].update(index=index.digest, bytes=shard.stat().st_size)
     path.write_text(json.dumps(manifest))
     bank = GradientBank.open(tmp_path / "b")
     assert bank.get("d0")["l0.lora_A"].isfinite().all()
@@ -204,8 +206,7 @@ def test_compact_copies_compressed_bytes_unchanged(tmp_path):
     bank.compact()
     bank.close()
     bank = GradientBank.open(tmp_path / "b")
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert [s["ids"] for s in manifest["shards"]] == [["d0", "d3"], ["d5"]]
+    assert list(GradientBank.shard_contents(tmp_path / "b").values()) == [["d0", "d3"], ["d5"]]
     assert sorted(bank.ids()) == ["d0", "d3", "d5"] and GradientBank.verify(tmp_path / "b").ok
     for i, values in before.items():
         for k in SHAPES:
@@ -247,7 +248,7 @@ def test_a_format_2_bank_opens_verifies_and_is_extended(tmp_path):
     bank.add("d4", {k: torch.ones(s) for k, s in bank.shapes.items()}, text_hash=text_hash("four"))
     bank.close()
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format_version"] == 3 and all(isinstance(s["sums"], str) for s in manifest["shards"])
+    assert manifest["format_version"] == 3 and ["ids" in s for s in manifest["shards"]] == [True, True, False]
     bank = GradientBank.open(path)
     assert bank.ids() == ["d0", "d1", "d2", "d4"] and bank.text_hash("d1") is None
     assert bank.text_hash("d4") == text_hash("four") and GradientBank.verify(path).ok

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from regrad_engine.bank import GradientBank, entry_checksum
 from regrad_engine.cli import main
 from regrad_engine.errors import BankCorruptError, BankError, StoreError
+from regrad_engine.shard_index import INDEX_PREFIX, ShardIndex
 from regrad_engine.store import build_store, open_engine
 from tests.faults.conftest import DOCS, chunks, shards
 
@@ -46,14 +47,15 @@ def test_a_flipped_byte_is_never_served_and_verify_repairs_it(store, capsys):
 def test_nan_stored_behind_a_valid_checksum_is_refused(store):
     model, _, root = store
     path = shards(root)[0]
-    tensors = load_file(path)
+    tensors = {k: v for k, v in load_file(path).items() if not k.startswith(INDEX_PREFIX)}
     key = sorted(tensors)[0]
     tensors[key][0].view(-1)[0] = float("nan")
-    save_file(tensors, path, metadata={"regrad_ids": json.dumps(["doc0"]), "regrad_format_version": "2"})
+    checksum = bytes.fromhex(entry_checksum({k: v[0] for k, v in tensors.items()}))
+    index, index_tensors = ShardIndex.build(path.name, ["doc0"], checksum, [None])  # a valid row index
+    save_file({**tensors, **index_tensors}, path, metadata={"regrad_index": index.digest})
     manifest_path = root / "bank" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["shards"][0]["sums"] = [entry_checksum({k: v[0] for k, v in tensors.items()})]
-    manifest["shards"][0]["bytes"] = path.stat().st_size
+    manifest["shards"][0].update(index=index.digest, bytes=path.stat().st_size)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(BankCorruptError, match="NaN"):
         open_engine(root, model=model).answer(QUESTION, k=1)
@@ -92,8 +94,8 @@ def test_a_truncated_shard_is_refused_when_opening(store):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda m: m.pop("shapes"), "no 'shapes'"),
-    (lambda m: m["shards"][0].pop("ids"), "lacks file/ids"),
-    (lambda m: m["shards"][0].update(sums=m["shards"][0]["sums"][:-2]), "one value per id"),  # packed: 32 hex per id
+    (lambda m: m["shards"][0].pop("index"), "lacks file/ids"),
+    (lambda m: m["shards"][0].update(rows="1"), "lacks file/ids"),
 ])
 def test_a_broken_manifest_is_named(store, damage, message):
     model, _, root = store
