@@ -157,7 +157,8 @@ class StorageFormat:
     def decode_sum(self, shapes: Mapping[str, Sequence[int]], entries: Sequence[Mapping[str, Tensor]]
                    ) -> dict[str, Tensor]:
         """Float32 sum of stored entries ``{key: (*shape)}`` (zeros for none)."""
-        out = {}
+        out: dict[str, Tensor] = {}
+        factored: dict[tuple[int, ...], list[str]] = {}  # shape -> its low-rank keys, multiplied together
         for key, shape in shapes.items():
             shape = tuple(shape)
             if not entries:
@@ -167,14 +168,19 @@ class StorageFormat:
                 for entry in entries[1:]:
                     total += entry[key].to(torch.float32)
                 out[key] = total
-            elif self.low_rank(shape):  # one product for all entries: (m, k*q) @ (k*q, n)
-                u = torch.cat([dequantize_rows(e[f"{key}::u"], e[f"{key}::u_scale"], True) for e in entries])
-                v = torch.cat([dequantize_rows(e[f"{key}::v"], e[f"{key}::v_scale"], True) for e in entries])
-                out[key] = (u.T @ v).reshape(shape)
+            elif self.low_rank(shape):
+                factored.setdefault(shape, []).append(key)
             else:
                 m, n = _matrix(shape)
                 total = dequantize_rows(entries[0][key], entries[0][f"{key}::scale"], m <= n)
                 for entry in entries[1:]:
                     total += dequantize_rows(entry[key], entry[f"{key}::scale"], m <= n)
                 out[key] = total.reshape(shape)
-        return out
+        for shape, keys in factored.items():  # sum of k products = one (m, k*q) @ (k*q, n) per key, batched
+            u = torch.stack([torch.cat([dequantize_rows(e[f"{k}::u"], e[f"{k}::u_scale"], True) for e in entries])
+                             for k in keys])  # (keys, k*q, m)
+            v = torch.stack([torch.cat([dequantize_rows(e[f"{k}::v"], e[f"{k}::v_scale"], True) for e in entries])
+                             for k in keys])  # (keys, k*q, n)
+            for key, product in zip(keys, u.transpose(1, 2) @ v):
+                out[key] = product.reshape(shape)
+        return {key: out[key] for key in shapes}

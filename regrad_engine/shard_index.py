@@ -97,8 +97,7 @@ class ShardIndex:
         self.file, self.rows, self.bytes, self.digest = file, rows, size, digest
         self.sums, self.texts = sums, texts
         self._ids, self._joined = ids, joined
-        self.hashes: np.ndarray | None = None if ids is None else np.fromiter(
-            (id_hash(i) for i in ids), dtype=np.int64, count=len(ids))
+        self._hashes: np.ndarray | None = None  # format 3: from the file (load); else computed when needed
 
     # ------------------------------------------------------------------ manifest records
     @classmethod
@@ -157,7 +156,7 @@ class ShardIndex:
         return None
 
     def _take(self, arrays: dict[str, np.ndarray]) -> None:
-        self.hashes = arrays["id_hashes"]
+        self._hashes = arrays["id_hashes"]
         self.sums, self.texts = arrays["sums"].tobytes(), arrays["texts"].tobytes()
 
     # ------------------------------------------------------------------ rows
@@ -170,6 +169,13 @@ class ShardIndex:
 
     def id(self, row: int) -> str:
         return self.ids[row]
+
+    @property
+    def hashes(self) -> np.ndarray:
+        """:func:`id_hash` of every row's id: (rows,) int64."""
+        if self._hashes is None:
+            self._hashes = np.fromiter((id_hash(i) for i in self.ids), dtype=np.int64, count=self.rows)
+        return self._hashes
 
     def checksum(self, row: int) -> bytes | None:
         return None if self.sums is None else self.sums[row * DIGEST:(row + 1) * DIGEST]
