@@ -272,3 +272,28 @@ def test_regrad_build_takes_the_storage_kind():
     assert parser.parse_args(["build", "--store", "s"]).storage_dtype == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args(["build", "--store", "s", "--storage", "int4"])
+
+
+def test_a_compressed_store_builds_serves_and_verifies(tokenizer, tmp_path):
+    from tests.conftest import make_loaded_with_meta
+
+    from regrad_engine.cli import main
+    from regrad_engine.data import Chunk
+    from regrad_engine.store import Store, build_store, open_engine
+
+    chunks = [Chunk("a", "Velmora Quistan was born in Lisbon and plays the violin.", "a", 0),
+              Chunk("b", "Fudral Oxby was born in Nairobi and plays the harmonica.", "b", 0)]
+    model = make_loaded_with_meta(tokenizer, tmp_path / "meta")
+    answers = {}
+    for kind in ("fp32", "int8-rank2"):
+        build_store(tmp_path / kind, chunks, model=model, meta_path=str(tmp_path / "meta"), doc_max_tokens=32,
+                    storage_dtype=kind, progress=False)
+        engine = open_engine(tmp_path / kind, model=model, on_the_fly=False)
+        assert engine.bank.storage_dtype == kind
+        answers[kind] = engine.answer("Who plays the harmonica?", k=1)
+        assert main(["verify", "--store", str(tmp_path / kind)]) == 0
+    assert answers["int8-rank2"].sources[0].id == answers["fp32"].sources[0].id == "b"
+    with pytest.raises(BankMismatchError, match="storage_dtype"):  # a store keeps its kind
+        build_store(tmp_path / "int8-rank2", chunks, model=model, meta_path=str(tmp_path / "meta"),
+                    doc_max_tokens=32, storage_dtype="bf16", progress=False)
+    assert Store.open(tmp_path / "int8-rank2").compact() >= 0
