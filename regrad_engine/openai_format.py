@@ -258,11 +258,10 @@ class Reply:
         flat = [s for group in sources for s in group]
         return {**self.envelope(), "choices": choices, "usage": _usage(completions), "sources": flat}
 
-    def events(self, stream: TextStream, sources: list[dict], stops: list[str], usage: bool,
-               cancel: Callable[[], None] = lambda: None) -> Iterator[str]:
+    def events(self, stream: TextStream, sources: list[dict], stops: list[str], usage: bool) -> Iterator[str]:
         """Server-sent events: role (and sources) first, text pieces, finish reason, usage, [DONE].
-        ``cancel`` stops the generation once the events end (at a stop sequence, or when the
-        client goes away)."""
+        Closing the stream when the events end (at a stop sequence, or when the client goes
+        away) stops its generation at the next token."""
         cutter = StreamCutter(stops)
         try:
             yield _event({**self.envelope(True), "choices": [self.choice(0, "", None, delta=True, first=True)],
@@ -287,5 +286,4 @@ class Reply:
             yield _event(error_of(err)[1])
         finally:
             stream.close()
-            cancel()
         yield _event("[DONE]")

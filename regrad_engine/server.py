@@ -143,19 +143,6 @@ class _Requests:
         return Hit(f"text-{text_hash(text)}", text, 0.0)
 
 
-def _stops_when(event: threading.Event):
-    """Stopping criteria for ``generate``: stop at the next token once ``event`` is set (a
-    closed stream alone leaves its generation running to ``max_new_tokens``)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancelled(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancelled()])
-
-
 # ------------------------------------------------------------------ the app
 def create_app(engine: ReGrad, *, max_batch: int | None = None, max_wait_ms: float = 10.0,
                model_id: str = "regrad") -> FastAPI:
@@ -217,12 +204,10 @@ def create_app(engine: ReGrad, *, max_batch: int | None = None, max_wait_ms: flo
             if len(prompts) != 1:
                 raise FieldError("stream one prompt per request", "prompt")
             job, sources = await asyncio.to_thread(requests.job, body, prompts[0], max_tokens)
-            cancelled = threading.Event()
             stream = await asyncio.to_thread(engine.stream_message, job.conversation, job.documents,
-                                             gamma=job.gamma, max_new_tokens=job.max_new_tokens,
-                                             stopping_criteria=_stops_when(cancelled))
+                                             gamma=job.gamma, max_new_tokens=job.max_new_tokens)
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(reply.events(stream, sources, stops, usage, cancelled.set),
+            return StreamingResponse(reply.events(stream, sources, stops, usage),
                                      media_type="text/event-stream")
         jobs = await asyncio.to_thread(lambda: [requests.job(body, p, max_tokens) for p in prompts])
         completions = await asyncio.gather(*(asyncio.wrap_future(batcher.submit(job)) for job, _ in jobs))

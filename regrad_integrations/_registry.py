@@ -280,7 +280,7 @@ def prompt_documents(engine: object, prompt: str, mode: str,
     registered documents the prompt contains. In ``parametric`` mode the documents' text is
     cut out of the prompt."""
     if handed is None:
-        spans, hits, missing = registry_for(engine).find(prompt), None, []
+        spans, missing = registry_for(engine).find(prompt), []
         hits = [hit for _, _, hit in spans]
     else:
         spans, missing = locate(prompt, handed)

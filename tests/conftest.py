@@ -96,6 +96,8 @@ DOCS = {
     "fox": "The quick brown fox jumps over the lazy dog again and again.",
 }
 IN_BANK = ["velmora", "fudral", "ailpelou", "gredin"]  # "fox" has no stored gradient
+QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
+             "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
 
 
 def make_loaded_with_meta(tokenizer, meta_dir):

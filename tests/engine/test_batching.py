@@ -6,10 +6,7 @@ import pytest
 from regrad_engine.batching import DynamicBatcher, Job
 from regrad_engine.errors import RegradError, RequestError
 from regrad_engine.retrieval import Hit
-from tests.conftest import DOCS, make_engine
-
-QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
-             "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
+from tests.conftest import DOCS, QUESTIONS, make_engine
 
 
 @pytest.fixture()

@@ -9,10 +9,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from regrad_engine.errors import RequestError
 from regrad_engine.models import parameter_hash
 from regrad_engine.retrieval import Hit
-from tests.conftest import DOCS, make_engine, runaway_turn
-
-QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
-             "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
+from tests.conftest import DOCS, QUESTIONS, make_engine, runaway_turn
 
 
 @pytest.fixture()

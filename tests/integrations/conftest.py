@@ -6,10 +6,7 @@ import inspect
 
 import pytest
 
-from tests.conftest import DOCS, IN_BANK, make_engine  # noqa: F401 (re-exported to tests)
-
-QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
-             "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
+from tests.conftest import DOCS, IN_BANK, QUESTIONS, make_engine  # noqa: F401 (re-exported to tests)
 
 
 @pytest.fixture(scope="module")

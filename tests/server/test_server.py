@@ -16,10 +16,8 @@ httpx = pytest.importorskip("httpx")
 
 from regrad_engine.prompts import with_passages  # noqa: E402
 from regrad_engine.server import create_app, serving  # noqa: E402
-from tests.conftest import DOCS, make_engine  # noqa: E402
+from tests.conftest import DOCS, QUESTIONS, make_engine  # noqa: E402
 
-QUESTIONS = ["Where was Velmora Quistan born?", "Where is the Fudral Bureau based?",
-             "Which river does Ailpelou lie on?", "What does Gredin Quibiku speak?"]
 MODEL_ID = "tiny-regrad"
 
 
