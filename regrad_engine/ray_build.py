@@ -40,7 +40,7 @@ from regrad_engine.data import Chunk
 from regrad_engine import errors
 from regrad_engine.errors import ModelLoadError, RegradError, StoreError
 from regrad_engine.lora import LoraSpace
-from regrad_engine.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_path
+from regrad_engine.models import LoadedModel, embedded_alias, load_model, resolve_model_path
 from regrad_engine.retrieval.base import DocumentIndex
 from regrad_engine.store import BuildStats, add_gradients, bank_binding, open_for_build, worker_of, write_index
 
@@ -75,7 +75,7 @@ class ModelSpec:
     @property
     def name(self) -> str:
         """The name :func:`load_model` gives the model (what ``regrad.json`` records)."""
-        return DEFAULT_MODEL if self.model in (None, DEFAULT_MODEL, "embedded", "default") else str(self.model)
+        return embedded_alias(self.model) or str(self.model)
 
     def __call__(self) -> LoadedModel:
         import torch

@@ -236,7 +236,7 @@ class Store:
         checkpoint = MetaCheckpoint.load(meta or self.meta_path, device=device)
         if model is None:
             name = self.model_name
-            model = load_model(None if name.startswith("embedded:") else name, device=device, dtype=dtype)
+            model = load_model(name, device=device, dtype=dtype)
         checkpoint.check_base(model.fingerprint, model.name)
         space = LoraSpace.attach(model.model, checkpoint.lora)
         bank = self.bank(self.binding(model, checkpoint))

@@ -127,6 +127,21 @@ def test_turn_markers_are_the_template_special_tokens(tokenizer):
     assert tokenizer.pad_token_id not in ids
 
 
+def test_plain_added_tokens_in_the_template_are_not_turn_markers(tokenizer):
+    """Gemma's vocabulary adds "\n" and "\n\n" as plain tokens that its template writes; an
+    answer must not end at every line break."""
+    import copy
+
+    from regrad_engine.prompts import turn_marker_ids
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["\n\n"])  # an added, non-special token
+    tok.chat_template = tok.chat_template + "\n\n"
+    newline = tok.convert_tokens_to_ids("\n\n")
+    assert newline not in turn_marker_ids(tok)
+    assert set(turn_marker_ids(tok)) == set(turn_marker_ids(tokenizer))
+
+
 @pytest.mark.parametrize("path", ["answer_batch", "complete_batch", "stream"])
 def test_an_answer_ends_at_a_start_of_turn_marker(engine, path):
     """A model that opens a new turn ('yes<|im_start|>system ...') instead of closing its own
@@ -210,3 +225,24 @@ def test_closing_a_stream_stops_its_generation(engine):
     steps = len(seen)
     time.sleep(0.5)
     assert steps == len(seen) < 400  # stopped early, and nothing more runs
+
+
+def test_documents_start_with_bos_only_where_the_tokenizer_puts_one(tokenizer):
+    from regrad_engine.prompts import bos_prefix, encode_documents
+
+    text = "The Velmora river runs north of the old mill."
+    plain = encode_documents(tokenizer, [text], max_tokens=8)["input_ids"][0].tolist()
+    assert bos_prefix(tokenizer) == [] and len(plain) == 8  # this tokenizer has no bos
+
+    class WithBos:  # a Llama-3 / Gemma style tokenizer: bos before text by default
+        bos_token_id = 7
+        pad_token_id = 0
+        eos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return {"input_ids": ([7] if add_special_tokens else []) + ids}
+
+    batch = encode_documents(WithBos(), [text], max_tokens=8)
+    assert batch["input_ids"][0].tolist() == [7] + plain  # bos first, not counted in max_tokens
+    assert batch["labels"][0].tolist() == [7] + plain

