@@ -38,7 +38,7 @@ def set_seed(seed: int) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id or local path (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="HF id, local path, or embedded:gemma3-270m (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -29,7 +29,7 @@ class LoraSettings(_Strict):
 class MetaTrainConfig(_Strict):
     """Stage 1: meta-learning of phi and alpha."""
 
-    model: str | None = Field(None, description="Base model: HF id or local path; omit for the embedded default.")
+    model: str | None = Field(None, description="Base model: HF id, local path or an embedded: alias; omit for the embedded default.")
     data: str = Field(..., description="Directory with corpus.jsonl + train.jsonl/dev.jsonl (see `regrad_engine.data`).")
     out: str = Field(..., description="Checkpoint directory to write (best/ and last/ inside).")
     init_from: str | None = Field(None, description="Continue from this meta checkpoint (domain transfer).")

