@@ -10,6 +10,10 @@ Targets (F1 = token F1, EM = exact match, both means over the set's questions):
     labels                PubMedQA: ReGrad EM above the majority answer, its 95% interval excluding it
     no collapse           no system's most frequent answer covers more than 50% of an open-answer set
     retrieval             ReGrad hybrid F1 >= RAG F1 in the retrieval setting (every set)
+
+Where the JSON holds the per-question answers, each gap also gets its paired 95% bootstrap
+interval (the same questions resampled for both systems): a gap whose interval holds 0 is not
+shown to be real at this number of questions.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from regrad_engine.metrics import bootstrap_interval, token_f1  # noqa: E402
 
 LABEL_SETS = {"pubmedqa"}
 
@@ -26,19 +35,34 @@ def _f1(entry: dict, system: str) -> float:
     return entry["systems"][system]["f1"]["mean"]
 
 
-def check_given(report: dict[str, dict]) -> list[tuple[str, str, bool, str]]:
+def paired_gap(questions: Sequence[dict], source: str, first: str, second: str) -> str:
+    """`` [low, high]``: the paired 95% bootstrap interval of F1(first) - F1(second) over the
+    set's questions, or "" when the per-question answers are not in the file."""
+    rows = [q for q in questions if q["source"] == source and {first, second} <= q["predictions"].keys()]
+    if not rows:
+        return ""
+    gaps = [token_f1(q["predictions"][first], q["answers"]) - token_f1(q["predictions"][second], q["answers"])
+            for q in rows]
+    low, high = bootstrap_interval(gaps)
+    return f" [{low:+.3f}, {high:+.3f}]"
+
+
+def check_given(report: dict[str, dict], questions: Sequence[dict] = ()) -> list[tuple[str, str, bool, str]]:
     rows = []
     for name, entry in report.items():
         systems = entry["systems"]
         if name not in LABEL_SETS and {"regrad", "random_grads"} <= set(systems):
             gap = _f1(entry, "regrad") - _f1(entry, "random_grads")
             rows.append((name, "parametric F1 >= random + 0.10", gap >= 0.10,
-                         f"{_f1(entry, 'regrad'):.3f} vs {_f1(entry, 'random_grads'):.3f} ({gap:+.3f})"))
+                         f"{_f1(entry, 'regrad'):.3f} vs {_f1(entry, 'random_grads'):.3f} "
+                         f"({gap:+.3f}{paired_gap(questions, name, 'regrad', 'random_grads')})"))
         if {"regrad_hybrid", "rag", "format_control"} <= set(systems):
             hybrid, rag, control = (_f1(entry, s) for s in ("regrad_hybrid", "rag", "format_control"))
             rows.append((name, "hybrid F1 >= RAG + 0.05 and >= format control",
                          hybrid >= rag + 0.05 and hybrid >= control,
-                         f"hybrid {hybrid:.3f}, RAG {rag:.3f}, format control {control:.3f}"))
+                         f"hybrid {hybrid:.3f}, RAG {rag:.3f} ({hybrid - rag:+.3f}"
+                         f"{paired_gap(questions, name, 'regrad_hybrid', 'rag')}), format control {control:.3f} "
+                         f"({hybrid - control:+.3f}{paired_gap(questions, name, 'regrad_hybrid', 'format_control')})"))
         if name in LABEL_SETS and "regrad" in systems:
             em = systems["regrad"]["exact_match"]
             rows.append((name, "EM above majority, interval excludes it", em["low"] > entry["majority_share"],
@@ -69,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     if args.given:
-        rows += check_given(json.load(open(args.given, encoding="utf-8"))["report"])
+        given = json.load(open(args.given, encoding="utf-8"))
+        rows += check_given(given["report"], given.get("questions", ()))
     if args.retrieval:
         rows += check_retrieval(json.load(open(args.retrieval, encoding="utf-8"))["report"])
     if not rows:

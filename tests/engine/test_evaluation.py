@@ -1,6 +1,7 @@
 """Evaluation: both settings, the controls, intervals, the collapse detector (tiny model)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from regrad_engine.evaluation import (
 )
 from regrad_engine.metrics import bootstrap_interval, top_answer_share
 from tests.conftest import DOCS, make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(root, rows_by_split, corpus):
@@ -119,3 +122,21 @@ def test_bootstrap_interval_is_seeded_and_narrows_with_more_data():
     assert low < 0.5 < high and low2 < 0.5 < high2 and (high2 - low2) < (high - low) / 3
     assert bootstrap_interval([1.0] * 5) == (1.0, 1.0)
     assert top_answer_share(["Paris.", "paris", "Rome"]) == ("paris", 2 / 3)
+
+
+def test_targets_report_paired_intervals_of_the_gaps():
+    """benchmarks/targets.py: the +0.10 parametric target with the paired bootstrap interval of the gap."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("targets", ROOT / "benchmarks" / "targets.py")
+    targets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(targets)
+    questions = [{"source": "squad", "answers": ["paris"], "predictions": {"regrad": "paris", "random_grads": "rome"}},
+                 {"source": "squad", "answers": ["oslo"], "predictions": {"regrad": "oslo", "random_grads": "oslo"}}]
+    stats = {"f1": {"mean": 0.0}, "top_answer": "x", "top_answer_share": 0.5}
+    report = {"squad": {"systems": {"regrad": {**stats, "f1": {"mean": 1.0}}, "random_grads": {**stats, "f1": {"mean": 0.5}}}}}
+    [gap, collapse] = targets.check_given(report, questions)
+    assert gap[:3] == ("squad", "parametric F1 >= random + 0.10", True)
+    assert gap[3] == "1.000 vs 0.500 (+0.500 [+0.000, +1.000])"  # paired: per-question gaps are 1 and 0
+    assert collapse[2] is True  # 0.5 is not over 50%
+    assert targets.check_given(report)[0][3] == "1.000 vs 0.500 (+0.500)"  # no per-question answers: no interval
