@@ -2,7 +2,7 @@
 `regrad eval --out` JSON files, and print one line per target per set.
 
     python benchmarks/targets.py --given benchmarks/results/general_given_cpu.json \
-        --retrieval benchmarks/results/general_retrieval_cpu.json
+        [--given another_given_run.json] --retrieval benchmarks/results/general_retrieval_cpu.json
 
 Targets (F1 = token F1, EM = exact match, both means over the set's questions):
     parametric > random   ReGrad parametric F1 >= random passages' gradients F1 + 0.10 (open-answer sets)
@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from regrad_engine.metrics import bootstrap_interval, token_f1  # noqa: E402
 
 LABEL_SETS = {"pubmedqa"}
+COLLAPSE = "no top answer over 50%"
 
 
 def _f1(entry: dict, system: str) -> float:
@@ -71,7 +72,7 @@ def check_given(report: dict[str, dict], questions: Sequence[dict] = ()) -> list
         if name not in LABEL_SETS:
             worst = max((s for s in systems if s != "majority"), key=lambda s: systems[s]["top_answer_share"])
             share = systems[worst]["top_answer_share"]
-            rows.append((name, "no top answer over 50%", share <= 0.5,
+            rows.append((name, COLLAPSE, share <= 0.5,
                          f"highest: {worst} {share:.2f} ({systems[worst]['top_answer']!r})"))
     return rows
 
@@ -88,21 +89,34 @@ def check_retrieval(report: dict[str, dict]) -> list[tuple[str, str, bool, str]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--given", help="regrad eval --setting given JSON")
+    parser.add_argument("--given", action="append", default=[],
+                        help="regrad eval --setting given JSON; repeat it to combine runs (for each set and "
+                             "target the run with the most questions counts; for the collapse target a "
+                             "failing run counts, so every system of every run is checked)")
     parser.add_argument("--retrieval", help="regrad eval --setting retrieval JSON")
     args = parser.parse_args(argv)
-    rows = []
-    if args.given:
-        given = json.load(open(args.given, encoding="utf-8"))
-        rows += check_given(given["report"], given.get("questions", ()))
+    best: dict[tuple[str, str], tuple[int, tuple]] = {}
+    for path in args.given:
+        given = json.load(open(path, encoding="utf-8"))
+        for row in check_given(given["report"], given.get("questions", ())):
+            n, key = given["report"][row[0]]["n"], (row[0], row[1])
+            if key not in best:
+                best[key] = (n, row)
+            elif row[1] == COLLAPSE:  # every system of every run counts: a collapse anywhere fails
+                if (row[2], n) < (best[key][1][2], best[key][0]):
+                    best[key] = (n, row)
+            elif n > best[key][0]:
+                best[key] = (n, row)
+    rows = [(n, *row) for n, row in best.values()]
     if args.retrieval:
-        rows += check_retrieval(json.load(open(args.retrieval, encoding="utf-8"))["report"])
+        retrieval = json.load(open(args.retrieval, encoding="utf-8"))["report"]
+        rows += [(retrieval[row[0]]["n"], *row) for row in check_retrieval(retrieval)]
     if not rows:
         parser.error("pass --given and/or --retrieval")
-    print("| set | target | met | measured |\n|---|---|---|---|")
-    for name, target, met, measured in rows:
-        print(f"| {name} | {target} | {'yes' if met else '**no**'} | {measured} |")
-    print(f"\n{sum(r[2] for r in rows)} of {len(rows)} targets met")
+    print("| set | target | n | met | measured |\n|---|---|---|---|---|")
+    for n, name, target, met, measured in rows:
+        print(f"| {name} | {target} | {n} | {'yes' if met else '**no**'} | {measured} |")
+    print(f"\n{sum(r[3] for r in rows)} of {len(rows)} targets met")
     return 0
 
 

@@ -124,13 +124,18 @@ def test_bootstrap_interval_is_seeded_and_narrows_with_more_data():
     assert top_answer_share(["Paris.", "paris", "Rome"]) == ("paris", 2 / 3)
 
 
-def test_targets_report_paired_intervals_of_the_gaps():
-    """benchmarks/targets.py: the +0.10 parametric target with the paired bootstrap interval of the gap."""
+def _targets_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("targets", ROOT / "benchmarks" / "targets.py")
     targets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(targets)
+    return targets
+
+
+def test_targets_report_paired_intervals_of_the_gaps():
+    """benchmarks/targets.py: the +0.10 parametric target with the paired bootstrap interval of the gap."""
+    targets = _targets_module()
     questions = [{"source": "squad", "answers": ["paris"], "predictions": {"regrad": "paris", "random_grads": "rome"}},
                  {"source": "squad", "answers": ["oslo"], "predictions": {"regrad": "oslo", "random_grads": "oslo"}}]
     stats = {"f1": {"mean": 0.0}, "top_answer": "x", "top_answer_share": 0.5}
@@ -140,3 +145,21 @@ def test_targets_report_paired_intervals_of_the_gaps():
     assert gap[3] == "1.000 vs 0.500 (+0.500 [+0.000, +1.000])"  # paired: per-question gaps are 1 and 0
     assert collapse[2] is True  # 0.5 is not over 50%
     assert targets.check_given(report)[0][3] == "1.000 vs 0.500 (+0.500)"  # no per-question answers: no interval
+
+
+def test_targets_combine_runs_larger_n_wins_and_a_collapse_anywhere_fails(tmp_path, capsys):
+    targets = _targets_module()
+
+    def run(path, n, regrad, share):
+        system = {"f1": {"mean": regrad}, "top_answer": "yes", "top_answer_share": share}
+        report = {"squad": {"n": n, "systems": {"regrad": system, "random_grads": {**system, "f1": {"mean": 0.0}}}}}
+        path.write_text(json.dumps({"report": report}))
+        return str(path)
+
+    small = run(tmp_path / "small.json", 50, 0.05, 0.9)   # all systems, a collapse
+    large = run(tmp_path / "large.json", 200, 0.20, 0.1)  # more questions, no collapse
+    assert targets.main(["--given", large, "--given", small]) == 0
+    table = capsys.readouterr().out
+    assert "| squad | parametric F1 >= random + 0.10 | 200 | yes | 0.200 vs 0.000 (+0.200) |" in table
+    assert "| squad | no top answer over 50% | 50 | **no** |" in table
+    assert "1 of 2 targets met" in table
