@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in best:
                 best[key] = (n, row)
             elif row[1] == COLLAPSE:  # every system of every run counts: a collapse anywhere fails
-                if (row[2], n) < (best[key][1][2], best[key][0]):
+                if (row[2], -n) < (best[key][1][2], -best[key][0]):  # failing first, then more questions
                     best[key] = (n, row)
             elif n > best[key][0]:
                 best[key] = (n, row)

@@ -163,3 +163,6 @@ def test_targets_combine_runs_larger_n_wins_and_a_collapse_anywhere_fails(tmp_pa
     assert "| squad | parametric F1 >= random + 0.10 | 200 | yes | 0.200 vs 0.000 (+0.200) |" in table
     assert "| squad | no top answer over 50% | 50 | **no** |" in table
     assert "1 of 2 targets met" in table
+    also_collapsed = run(tmp_path / "also.json", 200, 0.20, 0.6)  # both fail: the larger run is shown
+    targets.main(["--given", small, "--given", also_collapsed])
+    assert "| squad | no top answer over 50% | 200 | **no** |" in capsys.readouterr().out
