@@ -12,7 +12,7 @@ PY=.venv/bin
 [ -d runs/general ] || $PY/regrad data --out runs/general
 for model in $MODELS; do
     out="runs/train-speed/${model#embedded:}"
-    rm -rf "$out"
+    rm -rf "$out"; mkdir -p "$(dirname "$out")"
     $PY/regrad train --model "$model" --data runs/general --out "$out" --mode mixed --steps 240 \
         --tasks-per-step 4 --stop-after "$STEPS" --eval-every "$STEPS" --dev-size 2 --threads "$THREADS" \
         --device "$DEVICE" > "$out.log" 2>&1 || { tail -5 "$out.log"; exit 1; }
