@@ -35,7 +35,7 @@ from regrad_engine.gradients import document_gradients
 from regrad_engine.inference import ReGrad
 from regrad_engine.lora import LoraSpace
 from regrad_engine.models import LoadedModel, load_model
-from regrad_engine.prompts import encode_documents
+from regrad_engine.prompts import bos_prefix, encode_documents
 from regrad_engine.retrieval.base import DocumentIndex, Retriever, open_index
 from regrad_engine.retrieval.bm25 import BM25Index
 
@@ -45,10 +45,20 @@ STORE_FORMAT = 1
 SHIPPED_PREFIX = "shipped:"  # regrad.json's name for a checkpoint that ships with the package
 
 
-def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: int) -> dict:
-    """What a Gradient Bank is bound to: its gradients are valid only for these."""
-    return {"base_model_fingerprint": base_fingerprint, "meta_fingerprint": meta.fingerprint(),
-            "doc_max_tokens": doc_max_tokens}
+def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: int, *,
+                 document_bos: bool = False) -> dict:
+    """What a Gradient Bank is bound to: its gradients are valid only for these.
+
+    ``document_bos``: documents start with the tokenizer's beginning-of-sequence token (see
+    ``prompts.encode_documents``); recorded only then, so banks of tokenizers without one (the
+    embedded SmolLM2) keep the binding they had, and a bank built before documents began with it
+    is refused instead of mixed with new gradients.
+    """
+    binding = {"base_model_fingerprint": base_fingerprint, "meta_fingerprint": meta.fingerprint(),
+               "doc_max_tokens": doc_max_tokens}
+    if document_bos:
+        binding["document_bos"] = True
+    return binding
 
 
 @dataclass
@@ -214,7 +224,8 @@ class Store:
 
     # ------------------------------------------------------------ parts
     def binding(self, model: LoadedModel, checkpoint: MetaCheckpoint) -> dict:
-        return bank_binding(model.fingerprint, checkpoint, self.doc_max_tokens)
+        return bank_binding(model.fingerprint, checkpoint, self.doc_max_tokens,
+                            document_bos=bool(bos_prefix(model.tokenizer)))
 
     def bank(self, binding: dict | None = None, **create: Any) -> GradientBank:
         """The store's bank; with ``create`` (shapes, storage_dtype, worker, ...) created if missing."""

@@ -82,3 +82,18 @@ def test_old_and_damaged_store_files(setup, tmp_path):
         Store.open(tmp_path / "file")
     with pytest.raises(StoreError, match="no regrad store"):
         Store.open(tmp_path / "nowhere")
+
+
+def test_a_bank_built_before_documents_began_with_bos_is_refused_not_mixed(setup, monkeypatch):
+    """A tokenizer that puts bos first (Llama 3, Gemma) now gets it before every document; a bank
+    of gradients computed without it must not silently take new ones computed with it."""
+    from regrad_engine import store as store_module
+    from regrad_engine.errors import BankMismatchError
+
+    model, work = setup
+    build_store(work / "store", CHUNKS, model=model, meta_path=str(work / "meta"), doc_max_tokens=32,
+                storage_dtype="fp32", progress=False)
+    assert "document_bos" not in Store.open(work / "store").binding(model, MetaCheckpoint.load(work / "meta"))
+    monkeypatch.setattr(store_module, "bos_prefix", lambda tokenizer: [1])  # as if the tokenizer had bos
+    with pytest.raises(BankMismatchError, match="document_bos"):
+        open_engine(work / "store", model=model)
