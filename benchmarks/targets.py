@@ -39,7 +39,8 @@ def _f1(entry: dict, system: str) -> float:
 def paired_gap(questions: Sequence[dict], source: str, first: str, second: str) -> str:
     """`` [low, high]``: the paired 95% bootstrap interval of F1(first) - F1(second) over the
     set's questions, or "" when the per-question answers are not in the file."""
-    rows = [q for q in questions if q["source"] == source and {first, second} <= q["predictions"].keys()]
+    rows = [q for q in questions  # the report names a set without a source "all"
+            if (q["source"] or "all") == source and {first, second} <= q["predictions"].keys()]
     if not rows:
         return ""
     gaps = [token_f1(q["predictions"][first], q["answers"]) - token_f1(q["predictions"][second], q["answers"])

