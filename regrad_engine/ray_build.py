@@ -41,7 +41,6 @@ from regrad_engine import errors
 from regrad_engine.errors import ModelLoadError, RegradError, StoreError
 from regrad_engine.lora import LoraSpace
 from regrad_engine.models import LoadedModel, embedded_alias, load_model, resolve_model_path
-from regrad_engine.prompts import bos_prefix
 from regrad_engine.retrieval.base import DocumentIndex
 from regrad_engine.store import BuildStats, add_gradients, bank_binding, open_for_build, worker_of, write_index
 
@@ -181,8 +180,7 @@ class SliceWorker:
             self.failed = err
             return
         self.space = LoraSpace.attach(self.model.model, self.checkpoint.lora)
-        self.binding = bank_binding(self.model.fingerprint, self.checkpoint, doc_max_tokens,
-                                    document_bos=bool(bos_prefix(self.model.tokenizer)))
+        self.binding = bank_binding(self.model, self.checkpoint, doc_max_tokens)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         """One row per slice: its BuildStats, or the RegradError it met (as data: Ray keeps only

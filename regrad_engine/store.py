@@ -45,18 +45,17 @@ STORE_FORMAT = 1
 SHIPPED_PREFIX = "shipped:"  # regrad.json's name for a checkpoint that ships with the package
 
 
-def bank_binding(base_fingerprint: str, meta: MetaCheckpoint, doc_max_tokens: int, *,
-                 document_bos: bool = False) -> dict:
+def bank_binding(model: LoadedModel, meta: MetaCheckpoint, doc_max_tokens: int) -> dict:
     """What a Gradient Bank is bound to: its gradients are valid only for these.
 
-    ``document_bos``: documents start with the tokenizer's beginning-of-sequence token (see
-    ``prompts.encode_documents``); recorded only then, so banks of tokenizers without one (the
+    ``document_bos`` is recorded when documents start with the tokenizer's beginning-of-sequence
+    token (see ``prompts.encode_documents``), and only then: banks of tokenizers without one (the
     embedded SmolLM2) keep the binding they had, and a bank built before documents began with it
     is refused instead of mixed with new gradients.
     """
-    binding = {"base_model_fingerprint": base_fingerprint, "meta_fingerprint": meta.fingerprint(),
+    binding = {"base_model_fingerprint": model.fingerprint, "meta_fingerprint": meta.fingerprint(),
                "doc_max_tokens": doc_max_tokens}
-    if document_bos:
+    if bos_prefix(model.tokenizer):
         binding["document_bos"] = True
     return binding
 
@@ -224,8 +223,7 @@ class Store:
 
     # ------------------------------------------------------------ parts
     def binding(self, model: LoadedModel, checkpoint: MetaCheckpoint) -> dict:
-        return bank_binding(model.fingerprint, checkpoint, self.doc_max_tokens,
-                            document_bos=bool(bos_prefix(model.tokenizer)))
+        return bank_binding(model, checkpoint, self.doc_max_tokens)
 
     def bank(self, binding: dict | None = None, **create: Any) -> GradientBank:
         """The store's bank; with ``create`` (shapes, storage_dtype, worker, ...) created if missing."""
