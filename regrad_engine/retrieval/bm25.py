@@ -59,6 +59,22 @@ def _make_stemmer(name: str | None) -> Any:
 
 
 @register_backend("bm25")
+def _interrupted_create(path: Path) -> bool:
+    """True if ``path`` holds nothing, or only what a killed :meth:`BM25Index.create` leaves.
+
+    ``create`` writes an empty doc store, then the metadata file last; a kill
+    between the two leaves an empty ``docs.jsonl`` (and perhaps ``.tmp`` files)
+    with no metadata. That holds no documents, so creating over it loses nothing.
+    """
+    leftovers = {_STORE, _STORE + ".tmp", _META + ".tmp"}
+    for entry in path.iterdir():
+        if entry.name not in leftovers or not entry.is_file():
+            return False
+        if entry.name == _STORE and entry.stat().st_size:
+            return False
+    return True
+
+
 class BM25Index:
     """Embedded on-disk BM25 index built on `bm25s <https://github.com/xhluca/bm25s>`_.
 
@@ -113,7 +129,7 @@ class BM25Index:
             RetrievalError: If ``path`` already holds files or the settings are invalid.
         """
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and (not path.is_dir() or not _interrupted_create(path)):
             raise RetrievalError(f"{path} already exists: open it with BM25Index.open() or choose a new path")
         stem = _make_stemmer(stemmer)
         try:

@@ -124,6 +124,27 @@ def test_truncated_store_line_is_tolerated(index, tmp_path):
     assert BM25Index.open(tmp_path / "idx").retrieve("penguins", k=1)[0].id == "later"
 
 
+def test_a_create_killed_before_its_metadata_is_created_over(tmp_path):
+    """create() writes the empty doc store, then the metadata: a kill between them must not block the resume."""
+    for leftovers in (["docs.jsonl"], ["docs.jsonl", "regrad-bm25.json.tmp"], ["docs.jsonl.tmp"]):
+        path = tmp_path / "-".join(leftovers)
+        path.mkdir()
+        for name in leftovers:
+            (path / name).write_bytes(b"" if name == "docs.jsonl" else b"{")
+        idx = BM25Index.open_or_create(path)
+        idx.add([{"id": "a", "text": "Penguins huddle together."}])
+        assert BM25Index.open(path).retrieve("penguins", k=1)[0].id == "a"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "docs.jsonl").write_text('{"id": "a", "text": "t"}\n')  # documents without metadata: not ours to drop
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    for path in (kept, tmp_path / "other"):
+        with pytest.raises(RetrievalError, match="already exists"):
+            BM25Index.open_or_create(path)
+    assert (kept / "docs.jsonl").read_text() == '{"id": "a", "text": "t"}\n'
+
+
 def test_open_create_errors(tmp_path, index):
     with pytest.raises(RetrievalError, match="no BM25 index at .*regrad build"):
         BM25Index.open(tmp_path / "nothing")
