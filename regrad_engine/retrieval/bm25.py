@@ -58,7 +58,6 @@ def _make_stemmer(name: str | None) -> Any:
     return Stemmer.Stemmer(name)
 
 
-@register_backend("bm25")
 def _interrupted_create(path: Path) -> bool:
     """True if ``path`` holds nothing, or only what a killed :meth:`BM25Index.create` leaves.
 
@@ -75,6 +74,7 @@ def _interrupted_create(path: Path) -> bool:
     return True
 
 
+@register_backend("bm25")
 class BM25Index:
     """Embedded on-disk BM25 index built on `bm25s <https://github.com/xhluca/bm25s>`_.
 
