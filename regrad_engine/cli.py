@@ -298,22 +298,49 @@ def _cmd_eval(args) -> int:
         per_question,
         summarize,
     )
+    from regrad_engine.files import atomic_write_json
 
     check_k(args.k, "--k")
+    header = {"meta": args.meta, "model": args.model, "data": args.data, "split": args.split, "k": args.k,
+              "setting": args.setting, "limit_per_set": args.limit, "seed": args.seed}
+    previous = _earlier_eval(Path(args.out), header) if args.out else None
     meta = MetaCheckpoint.load(args.meta)
     model = _load(args.model, args.device, args.dtype, args.threads)
     systems = args.systems.split(",") if args.systems else SYSTEMS
-    run = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit, seed=args.seed,
-                           systems=systems, setting=args.setting)
-    report = summarize(run, seed=args.seed)
-    print(markdown_tables(report, args.setting))
-    if args.out:
+
+    def save(run) -> None:  # after every system: an interrupted evaluation resumes from here
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(
-            {"meta": args.meta, "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
-             "limit_per_set": args.limit, "seed": args.seed, "report": report, "questions": per_question(run)},
-            indent=1, ensure_ascii=False))
+        atomic_write_json(args.out, {**header, "report": summarize(run, seed=args.seed),
+                                     "questions": per_question(run)})
+
+    run = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit, seed=args.seed,
+                           systems=systems, setting=args.setting, previous=previous,
+                           on_system=save if args.out else None)
+    print(markdown_tables(summarize(run, seed=args.seed), args.setting))
     return 0
+
+
+def _earlier_eval(out, header: dict) -> list[dict] | None:
+    """The per-question records of an earlier `regrad eval` into ``out`` with the same settings
+    (its systems are not run again), or None if there is none."""
+    from regrad_engine.errors import ConfigError
+
+    if not out.exists():
+        return None
+    try:
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+        questions = earlier["questions"]
+        if not isinstance(questions, list):
+            raise TypeError("questions is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
+                          "move it away or pick another --out (it is not overwritten)") from None
+    differ = {key: (earlier.get(key), value) for key, value in header.items() if earlier.get(key) != value}
+    if differ:
+        said = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differ.items())
+        raise ConfigError(f"--out {out} holds an evaluation with other settings ({said}): pick another --out, "
+                          "or rerun with its settings to add systems to it")
+    return questions
 
 
 def _cmd_demo(args) -> int:

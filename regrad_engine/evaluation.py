@@ -85,15 +85,21 @@ class EvalRun:
 def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | Path, *, split: str = "test",
                      k: int = 3, limit: int | None = None, seed: int = 0, systems: Sequence[str] = SYSTEMS,
                      setting: str = "given", batch_size: int = 16, max_new_tokens: int = 20, progress: bool = True,
-                     log: Callable[[str], None] = print) -> EvalRun:
+                     log: Callable[[str], None] = print, previous: Sequence[dict] | None = None,
+                     on_system: Callable[[EvalRun], None] | None = None) -> EvalRun:
     """Answer a split with each system.
 
     Args:
         limit: First N questions of each set (source).
         setting: ``"given"`` or ``"retrieval"`` (see the module docstring).
+        previous: Per-question records (:func:`per_question`) of an earlier run over the
+            same questions: the systems answered there are kept and not run again.
+        on_system: Called with the run after each system finishes (e.g. to save it, so an
+            interrupted evaluation loses at most the system in progress).
 
     Raises:
-        DataError: Unknown system or setting, or a data directory without the needed files.
+        DataError: Unknown system or setting, a data directory without the needed files, or
+            ``previous`` holding other questions.
     """
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown or setting not in SETTINGS:
@@ -112,6 +118,16 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     rng = random.Random(seed + 7)
     random_docs = [[Hit(d, docs[d]["text"], 0.0) for d in rng.sample(pool, min(k, len(pool)))] for _ in items]
     run = EvalRun(setting, items, documents)
+    if previous is not None:
+        if [r.get("id") for r in previous] != [item.id for item in items]:
+            raise DataError("the earlier run holds other questions than this one (was the data directory rebuilt?): "
+                            "write this evaluation to a new --out")
+        for name in [s for s in ALL_SYSTEMS if all(s in r.get("predictions", {}) for r in previous)]:
+            run.predictions[name] = [r["predictions"][name] for r in previous]
+    todo = [s for s in systems if s not in run.predictions]
+    if run.predictions:
+        log(f"kept from the earlier run: {', '.join(run.predictions)}"
+            + (f"; to answer: {', '.join(todo)}" if todo else "; nothing left to answer"))
     questions = [item.question for item in items]
     passages = [[h.text for h in d] for d in documents]
 
@@ -128,24 +144,33 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
             return ReGrad(model.model, model.tokenizer, space, ckpt, bank=bank, k=k, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, on_the_fly=False)
 
-        uses_meta = set(systems) - {"direct", "rag", "raw_gradients"}
-        main = engine("meta", meta) if uses_meta else ReGrad(model.model, model.tokenizer, space, meta, k=k,
-                                                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+        plain = ReGrad(model.model, model.tokenizer, space, meta, k=k, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
+        banked: list[ReGrad] = []
+
+        def main() -> ReGrad:  # the passages' gradients are computed when the first system needs them
+            if not banked:
+                banked.append(engine("meta", meta))
+            return banked[0]
+
         runs: dict[str, Callable[[], list]] = {
-            "direct": lambda: _plain(main, questions, None),
-            "rag": lambda: _plain(main, questions, passages),
-            "meta_lora": lambda: main.answer_batch(questions, documents=documents, use_gradients=False),
-            "format_control": lambda: main.answer_batch(questions, documents=documents, use_gradients=False,
-                                                        mode="hybrid"),
-            "random_grads": lambda: main.answer_batch(questions, documents=random_docs),
-            "regrad": lambda: main.answer_batch(questions, documents=documents),
-            "regrad_hybrid": lambda: main.answer_batch(questions, documents=documents, mode="hybrid"),
+            "direct": lambda: _plain(plain, questions, None),
+            "rag": lambda: _plain(plain, questions, passages),
+            "meta_lora": lambda: plain.answer_batch(questions, documents=documents, use_gradients=False),
+            "format_control": lambda: plain.answer_batch(questions, documents=documents, use_gradients=False,
+                                                         mode="hybrid"),
+            "random_grads": lambda: main().answer_batch(questions, documents=random_docs),
+            "regrad": lambda: main().answer_batch(questions, documents=documents),
+            "regrad_hybrid": lambda: main().answer_batch(questions, documents=documents, mode="hybrid"),
             "raw_gradients": lambda: engine("raw", _raw(space, meta, seed)).answer_batch(questions, documents=documents),
         }
-        for name in systems:
+        for name in todo:
             outputs = runs[name]()
             run.predictions[name] = [o if isinstance(o, str) else o.text for o in outputs]
+            run.predictions = {s: run.predictions[s] for s in ALL_SYSTEMS if s in run.predictions}
             log(f"{name:15s} done ({len(outputs)} answers)")
+            if on_system is not None:
+                on_system(run)
     return run
 
 

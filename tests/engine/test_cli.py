@@ -52,6 +52,38 @@ def test_eval_prints_the_table(workspace, capsys):
     assert len(written["questions"]) == 4 and set(written["questions"][0]["predictions"]) == {"direct", "regrad"}
 
 
+def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch):
+    from regrad_engine.inference import ReGrad
+
+    root, tiny = workspace
+    out = root / "resumed.json"
+    argv = ["eval", "--data", str(root / "data"), "--meta", str(root / "meta" / "best"), "--limit", "3",
+            "--out", str(out), *tiny]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # killed in the second system: the first one's answers are on disk
+        patch.setattr(ReGrad, "answer_batch", interrupted)
+        assert main([*argv, "--systems", "direct,regrad"]) == 130
+    saved = json.loads(out.read_text())
+    assert set(saved["questions"][0]["predictions"]) == {"direct"}
+    capsys.readouterr()
+    assert main([*argv, "--systems", "direct,meta_lora,regrad"]) == 0
+    assert "kept from the earlier run: direct; to answer: meta_lora, regrad" in capsys.readouterr().out
+    resumed = json.loads(out.read_text())
+    assert [q["predictions"]["direct"] for q in resumed["questions"]] == [
+        q["predictions"]["direct"] for q in saved["questions"]]
+    assert set(resumed["report"]["all"]["systems"]) == {"majority", "direct", "meta_lora", "regrad"}
+    assert main([*argv[:-len(tiny)], "--k", "2", *tiny]) == 2  # other settings: refused, the file kept
+    assert "holds an evaluation with other settings (k 3 there, 2 now)" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == resumed
+    (root / "notes.json").write_text("my notes")
+    assert main([*argv[:-len(tiny) - 2], "--out", str(root / "notes.json"), *tiny]) == 2
+    assert "is not a readable `regrad eval` result" in capsys.readouterr().err
+    assert (root / "notes.json").read_text() == "my notes"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ask", "--store", "{root}/nowhere", "Who?"], "no regrad store"),
     (["ask", "--store", "{root}/store", "  "], "question is empty"),

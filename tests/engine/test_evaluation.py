@@ -11,6 +11,7 @@ from regrad_engine.evaluation import (
     EvalRun,
     evaluate_systems,
     markdown_tables,
+    per_question,
     summarize,
 )
 from regrad_engine.metrics import bootstrap_interval, top_answer_share
@@ -96,6 +97,22 @@ def test_unknown_system_is_refused(loaded, data_dir):
     model, meta = loaded
     with pytest.raises(DataError, match="unknown system 'oracle'"):
         evaluate_systems(model, meta, data_dir, systems=("oracle",), log=lambda _: None)
+
+
+def test_an_earlier_run_of_other_questions_is_refused_and_no_bank_is_built_without_gradient_systems(
+        loaded, data_dir):
+    model, meta = loaded
+    logged = []
+    run = evaluate_systems(model, meta, data_dir, k=2, systems=("meta_lora", "format_control"), progress=False,
+                           log=logged.append)
+    assert not [line for line in logged if "passage gradients" in line]  # no system here applies gradients
+    records = per_question(run)
+    with pytest.raises(DataError, match="other questions"):
+        evaluate_systems(model, meta, data_dir, k=2, systems=("rag",), log=lambda _: None, previous=records[:-1])
+    again = evaluate_systems(model, meta, data_dir, k=2, systems=("format_control", "rag"), log=lambda _: None,
+                             previous=records)
+    assert list(again.predictions) == ["rag", "meta_lora", "format_control"]  # the union, in the table's order
+    assert again.predictions["format_control"] == run.predictions["format_control"]
 
 
 def test_summary_exposes_collapse_and_the_majority_baseline():
