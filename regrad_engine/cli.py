@@ -301,10 +301,11 @@ def _cmd_eval(args) -> int:
     from regrad_engine.files import atomic_write_json
 
     check_k(args.k, "--k")
-    header = {"meta": args.meta, "model": args.model, "data": args.data, "split": args.split, "k": args.k,
-              "setting": args.setting, "limit_per_set": args.limit, "seed": args.seed}
-    previous = _earlier_eval(Path(args.out), header) if args.out else None
     meta = MetaCheckpoint.load(args.meta)
+    header = {"meta": args.meta, "meta_fingerprint": meta.fingerprint(), "model": args.model, "dtype": args.dtype,
+              "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
+              "limit_per_set": args.limit, "seed": args.seed}
+    previous = _earlier_eval(Path(args.out), header) if args.out else None
     model = _load(args.model, args.device, args.dtype, args.threads)
     systems = args.systems.split(",") if args.systems else SYSTEMS
 
@@ -330,8 +331,8 @@ def _earlier_eval(out, header: dict) -> list[dict] | None:
     try:
         earlier = json.loads(out.read_text(encoding="utf-8"))
         questions = earlier["questions"]
-        if not isinstance(questions, list):
-            raise TypeError("questions is not a list")
+        if not isinstance(questions, list) or not all(isinstance(q, dict) for q in questions):
+            raise TypeError("'questions' is not a list of records")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
                           "move it away or pick another --out (it is not overwritten)") from None

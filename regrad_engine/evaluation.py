@@ -119,11 +119,7 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     random_docs = [[Hit(d, docs[d]["text"], 0.0) for d in rng.sample(pool, min(k, len(pool)))] for _ in items]
     run = EvalRun(setting, items, documents)
     if previous is not None:
-        if [r.get("id") for r in previous] != [item.id for item in items]:
-            raise DataError("the earlier run holds other questions than this one (was the data directory rebuilt?): "
-                            "write this evaluation to a new --out")
-        for name in [s for s in ALL_SYSTEMS if all(s in r.get("predictions", {}) for r in previous)]:
-            run.predictions[name] = [r["predictions"][name] for r in previous]
+        run.predictions.update(_kept_predictions(previous, per_question(run)))
     todo = [s for s in systems if s not in run.predictions]
     if run.predictions:
         log(f"kept from the earlier run: {', '.join(run.predictions)}"
@@ -172,6 +168,26 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
             if on_system is not None:
                 on_system(run)
     return run
+
+
+def _kept_predictions(previous: Sequence[dict], current: list[dict]) -> dict[str, list[str]]:
+    """The answers of an earlier run, by system, if it asked exactly these questions with these passages."""
+    fields = ("id", "source", "question", "answers", "documents", "gold_id")
+    if len(previous) != len(current) or any(
+            not isinstance(old, dict) or any(old.get(f) != new[f] for f in fields)
+            for old, new in zip(previous, current)):
+        raise DataError("the earlier run asked other questions or gave other passages than this one (was the data "
+                        "directory rebuilt?): write this evaluation to a new output file")
+    kept: dict[str, list[str]] = {}
+    for name in ALL_SYSTEMS:
+        answers = [old.get("predictions", {}).get(name) if isinstance(old.get("predictions"), dict) else None
+                   for old in previous]
+        if all(isinstance(a, str) for a in answers):
+            kept[name] = answers
+        elif any(a is not None for a in answers):
+            raise DataError(f"the earlier run has {name!r} answers for only some questions, or answers that are not "
+                            "text: repair it or write this evaluation to a new output file")
+    return kept
 
 
 def _retrieve(docs: dict[str, dict], pool: list[str], questions: list[str], k: int) -> list[list[Hit]]:

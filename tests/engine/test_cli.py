@@ -69,7 +69,9 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
     saved = json.loads(out.read_text())
     assert set(saved["questions"][0]["predictions"]) == {"direct"}
     capsys.readouterr()
-    assert main([*argv, "--systems", "direct,meta_lora,regrad"]) == 0
+    with monkeypatch.context() as patch:  # the base model is not asked again
+        patch.setattr("regrad_engine.evaluation._plain", interrupted)
+        assert main([*argv, "--systems", "direct,meta_lora,regrad"]) == 0
     assert "kept from the earlier run: direct; to answer: meta_lora, regrad" in capsys.readouterr().out
     resumed = json.loads(out.read_text())
     assert [q["predictions"]["direct"] for q in resumed["questions"]] == [
@@ -78,10 +80,11 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
     assert main([*argv[:-len(tiny)], "--k", "2", *tiny]) == 2  # other settings: refused, the file kept
     assert "holds an evaluation with other settings (k 3 there, 2 now)" in capsys.readouterr().err
     assert json.loads(out.read_text()) == resumed
-    (root / "notes.json").write_text("my notes")
-    assert main([*argv[:-len(tiny) - 2], "--out", str(root / "notes.json"), *tiny]) == 2
-    assert "is not a readable `regrad eval` result" in capsys.readouterr().err
-    assert (root / "notes.json").read_text() == "my notes"
+    for notes in ("my notes", '{"questions": [1, 2]}'):
+        (root / "notes.json").write_text(notes)
+        assert main([*argv[:-len(tiny) - 2], "--out", str(root / "notes.json"), *tiny]) == 2
+        assert "is not a readable `regrad eval` result" in capsys.readouterr().err
+        assert (root / "notes.json").read_text() == notes
 
 
 @pytest.mark.parametrize("argv, message", [

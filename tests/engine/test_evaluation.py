@@ -1,5 +1,6 @@
 """Evaluation: both settings, the controls, intervals, the collapse detector (tiny model)."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -107,12 +108,21 @@ def test_an_earlier_run_of_other_questions_is_refused_and_no_bank_is_built_witho
                            log=logged.append)
     assert not [line for line in logged if "passage gradients" in line]  # no system here applies gradients
     records = per_question(run)
-    with pytest.raises(DataError, match="other questions"):
-        evaluate_systems(model, meta, data_dir, k=2, systems=("rag",), log=lambda _: None, previous=records[:-1])
+    for record in records:
+        record["predictions"]["format_control"] = "kept " + record["id"]
+    other_passages = copy.deepcopy(records)
+    other_passages[0]["documents"] = other_passages[0]["documents"][::-1]
+    partial = copy.deepcopy(records)
+    del partial[1]["predictions"]["meta_lora"]
+    for earlier, message in ((records[:-1], "other questions"), (other_passages, "other passages"),
+                             (partial, "'meta_lora' answers for only some questions")):
+        with pytest.raises(DataError, match=message):
+            evaluate_systems(model, meta, data_dir, k=2, systems=("rag",), log=lambda _: None, previous=earlier)
     again = evaluate_systems(model, meta, data_dir, k=2, systems=("format_control", "rag"), log=lambda _: None,
                              previous=records)
     assert list(again.predictions) == ["rag", "meta_lora", "format_control"]  # the union, in the table's order
-    assert again.predictions["format_control"] == run.predictions["format_control"]
+    assert again.predictions["format_control"] == [f"kept {r['id']}" for r in records]  # not answered again
+    assert again.predictions["meta_lora"] == run.predictions["meta_lora"]
 
 
 def test_summary_exposes_collapse_and_the_majority_baseline():
