@@ -23,11 +23,14 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary file is the target's name + this; a kill can leave one behind
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], Any]) -> None:
     """Replace ``path`` with ``data`` (bytes, text as UTF-8, or a function that writes the
     temporary path it is given, e.g. ``safetensors.torch.save_file``)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     tmp.write_bytes(b"" if callable(data) else data.encode("utf-8") if isinstance(data, str) else data)
     if callable(data):
         mode = tmp.stat().st_mode & 0o777  # what the umask gives a new file

@@ -28,7 +28,7 @@ import bm25s
 import numpy as np
 
 from regrad_engine.errors import UnknownDocumentError
-from regrad_engine.files import atomic_write
+from regrad_engine.files import TMP_SUFFIX, atomic_write
 from regrad_engine.retrieval.base import (
     Hit,
     RetrievalError,
@@ -65,7 +65,7 @@ def _interrupted_create(path: Path) -> bool:
     between the two leaves an empty ``docs.jsonl`` (and perhaps ``.tmp`` files)
     with no metadata. That holds no documents, so creating over it loses nothing.
     """
-    leftovers = {_STORE, _STORE + ".tmp", _META + ".tmp"}
+    leftovers = {_STORE, _STORE + TMP_SUFFIX, _META + TMP_SUFFIX}
     for entry in path.iterdir():
         if entry.name not in leftovers or not entry.is_file():
             return False
