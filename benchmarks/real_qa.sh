@@ -2,6 +2,7 @@
 # Real-question evaluation of a meta checkpoint on the general mix's test split (every
 # system incl. the controls, per-set tables), given passages and BM25 retrieval, then the
 # targets check. CPU defaults: LIMIT questions per set (200 = every test question).
+# Each JSON is saved after every system: rerunning the same command resumes where it stopped.
 #   bash benchmarks/real_qa.sh [CHECKPOINT] [LIMIT] [RETRIEVAL_LIMIT] [TAG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
