@@ -314,9 +314,15 @@ def _cmd_eval(args) -> int:
         atomic_write_json(args.out, {**header, "report": summarize(run, seed=args.seed),
                                      "questions": per_question(run)})
 
-    run = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit, seed=args.seed,
-                           systems=systems, setting=args.setting, previous=previous,
-                           on_system=save if args.out else None)
+    try:
+        run = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit,
+                               seed=args.seed, systems=systems, setting=args.setting, previous=previous,
+                               on_system=save if args.out else None)
+    except KeyboardInterrupt:
+        if args.out and Path(args.out).exists():
+            print(f"the finished systems' answers are in {args.out}: the same command resumes from there",
+                  file=sys.stderr)
+        raise
     print(markdown_tables(summarize(run, seed=args.seed), args.setting))
     return 0
 

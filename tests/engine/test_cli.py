@@ -66,6 +66,7 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
     with monkeypatch.context() as patch:  # killed in the second system: the first one's answers are on disk
         patch.setattr(ReGrad, "answer_batch", interrupted)
         assert main([*argv, "--systems", "direct,regrad"]) == 130
+    assert f"answers are in {out}: the same command resumes" in capsys.readouterr().err
     saved = json.loads(out.read_text())
     assert set(saved["questions"][0]["predictions"]) == {"direct"}
     capsys.readouterr()
