@@ -330,8 +330,6 @@ def _cmd_eval(args) -> int:
 def _earlier_eval(out, header: dict) -> list[dict] | None:
     """The per-question records of an earlier `regrad eval` into ``out`` with the same settings
     (its systems are not run again), or None if there is none."""
-    from regrad_engine.errors import ConfigError
-
     if not out.exists():
         return None
     try:
@@ -340,12 +338,12 @@ def _earlier_eval(out, header: dict) -> list[dict] | None:
         if not isinstance(questions, list) or not all(isinstance(q, dict) for q in questions):
             raise TypeError("'questions' is not a list of records")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
+        raise _usage(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
                           "move it away or pick another --out (it is not overwritten)") from None
     differ = {key: (earlier.get(key), value) for key, value in header.items() if earlier.get(key) != value}
     if differ:
         said = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differ.items())
-        raise ConfigError(f"--out {out} holds an evaluation with other settings ({said}): pick another --out, "
+        raise _usage(f"--out {out} holds an evaluation with other settings ({said}): pick another --out, "
                           "or rerun with its settings to add systems to it")
     return questions
 

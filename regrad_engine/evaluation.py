@@ -25,6 +25,7 @@ set's most frequent gold answer).
 
 from __future__ import annotations
 
+import functools
 import random
 import tempfile
 from collections import Counter
@@ -142,12 +143,7 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
 
         plain = ReGrad(model.model, model.tokenizer, space, meta, k=k, max_new_tokens=max_new_tokens,
                        batch_size=batch_size)
-        banked: list[ReGrad] = []
-
-        def main() -> ReGrad:  # the passages' gradients are computed when the first system needs them
-            if not banked:
-                banked.append(engine("meta", meta))
-            return banked[0]
+        main = functools.cache(lambda: engine("meta", meta))  # gradients computed when a system first needs them
 
         runs: dict[str, Callable[[], list]] = {
             "direct": lambda: _plain(plain, questions, None),
@@ -179,9 +175,9 @@ def _kept_predictions(previous: Sequence[dict], current: list[dict]) -> dict[str
         raise DataError("the earlier run asked other questions or gave other passages than this one (was the data "
                         "directory rebuilt?): write this evaluation to a new output file")
     kept: dict[str, list[str]] = {}
+    by_question = [old.get("predictions") if isinstance(old.get("predictions"), dict) else {} for old in previous]
     for name in ALL_SYSTEMS:
-        answers = [old.get("predictions", {}).get(name) if isinstance(old.get("predictions"), dict) else None
-                   for old in previous]
+        answers = [predictions.get(name) for predictions in by_question]
         if all(isinstance(a, str) for a in answers):
             kept[name] = answers
         elif any(a is not None for a in answers):
