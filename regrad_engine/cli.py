@@ -291,6 +291,32 @@ def _cmd_eval(args) -> int:
 
     from regrad_engine.checkpoint import MetaCheckpoint
     from regrad_engine.errors import check_k
+    from regrad_engine.files import LockHeld, WriterLock, describe_holder
+
+    check_k(args.k, "--k")
+    meta = MetaCheckpoint.load(args.meta)
+    header = {"meta": args.meta, "meta_fingerprint": meta.fingerprint(), "model": args.model, "dtype": args.dtype,
+              "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
+              "limit_per_set": args.limit, "seed": args.seed}
+    if not args.out:
+        return _run_eval(args, meta, header, previous=None)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(out.with_name(f".{out.name}.lock"))  # two evals into one --out would lose answers
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        raise _usage(f"--out {out} is being written by another `regrad eval` ({describe_holder(exc.holder)}): "
+                     "wait for it to finish, or pick another --out") from None
+    try:
+        return _run_eval(args, meta, header, previous=_earlier_eval(out, header))
+    finally:
+        lock.release()
+
+
+def _run_eval(args, meta, header: dict, previous: list[dict] | None) -> int:
+    from pathlib import Path
+
     from regrad_engine.evaluation import (
         SYSTEMS,
         evaluate_systems,
@@ -300,17 +326,10 @@ def _cmd_eval(args) -> int:
     )
     from regrad_engine.files import atomic_write_json
 
-    check_k(args.k, "--k")
-    meta = MetaCheckpoint.load(args.meta)
-    header = {"meta": args.meta, "meta_fingerprint": meta.fingerprint(), "model": args.model, "dtype": args.dtype,
-              "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
-              "limit_per_set": args.limit, "seed": args.seed}
-    previous = _earlier_eval(Path(args.out), header) if args.out else None
     model = _load(args.model, args.device, args.dtype, args.threads)
     systems = args.systems.split(",") if args.systems else SYSTEMS
 
     def save(run) -> None:  # after every system: an interrupted evaluation resumes from here
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, {**header, "report": summarize(run, seed=args.seed),
                                      "questions": per_question(run)})
 

@@ -88,6 +88,26 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
         assert (root / "notes.json").read_text() == notes
 
 
+def test_a_second_eval_into_the_same_out_is_refused_until_the_first_ends(workspace, capsys):
+    from regrad_engine.files import WriterLock
+
+    root, tiny = workspace
+    out = root / "locked.json"
+    argv = ["eval", "--data", str(root / "data"), "--meta", str(root / "meta" / "best"), "--limit", "2",
+            "--systems", "direct", "--out", str(out), *tiny]
+    first = WriterLock(root / ".locked.json.lock")  # what a running eval into that --out holds
+    first.acquire()
+    try:
+        assert main(argv) == 2
+    finally:
+        first.release()
+    err = capsys.readouterr().err
+    assert f"--out {out} is being written by another `regrad eval` (pid " in err and "Traceback" not in err
+    assert not out.exists()
+    assert main(argv) == 0 and main(argv) == 0  # released: runs, and a finished eval leaves no lock held
+    assert json.loads(out.read_text())["questions"][0]["predictions"].keys() == {"direct"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ask", "--store", "{root}/nowhere", "Who?"], "no regrad store"),
     (["ask", "--store", "{root}/store", "  "], "question is empty"),
