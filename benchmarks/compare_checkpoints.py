@@ -1,13 +1,18 @@
 """Two `regrad eval --out` reports of the same data side by side: each set's F1 (EM for PubMedQA)
-of the systems that matter, for checkpoint A and checkpoint B.
+of the systems that matter, for checkpoint A and checkpoint B, and what the gradients add over
+random passages' gradients (ReGrad parametric - random, paired 95% bootstrap interval).
 
     python benchmarks/compare_checkpoints.py A.json B.json [--names "step 160" "step 240"]
+
+Systems missing from either file are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from targets import paired_gap  # this directory is on the path when run as a script
 
 SYSTEMS = ("random_grads", "format_control", "regrad", "rag", "regrad_hybrid")
 
@@ -18,15 +23,21 @@ def main() -> None:
     parser.add_argument("b")
     parser.add_argument("--names", nargs=2, default=["A", "B"])
     args = parser.parse_args()
-    reports = [json.load(open(path))["report"] for path in (args.a, args.b)]
-    print("| set | metric | majority label (its share) | " + " | ".join(f"{s} {n}" for s in SYSTEMS for n in args.names)
-          + " |")
-    print("|---|---|---|" + "---|" * (2 * len(SYSTEMS)))
+    runs = [json.load(open(path)) for path in (args.a, args.b)]
+    reports = [run["report"] for run in runs]
+    systems = [s for s in SYSTEMS if all(s in next(iter(r.values()))["systems"] for r in reports)]
+    gap = "regrad" in systems and "random_grads" in systems
+    print("| set | metric | majority label (its share) | " + " | ".join(f"{s} {n}" for s in systems for n in args.names)
+          + "".join(f" | ReGrad - random {n}" for n in args.names if gap) + " |")
+    print("|---|---|---|" + "---|" * (len(args.names) * (len(systems) + gap)))
     for name in reports[0]:
         metric = "exact_match" if name == "pubmedqa" else "f1"
         majority = reports[0][name]["systems"]["majority"][metric]["mean"]  # the same data: the same for both
         cells = [f"{majority:.3f} ({reports[0][name]['majority_share']:.2f})"]
-        cells += [f"{r[name]['systems'][s][metric]['mean']:.3f}" for s in SYSTEMS for r in reports]
+        cells += [f"{r[name]['systems'][s][metric]['mean']:.3f}" for s in systems for r in reports]
+        if gap:
+            cells += [f"{r[name]['systems']['regrad'][metric]['mean'] - r[name]['systems']['random_grads'][metric]['mean']:+.3f}"
+                      + paired_gap(run["questions"], name, "regrad", "random_grads") for r, run in zip(reports, runs)]
         print(f"| {name} | {'EM' if metric == 'exact_match' else 'F1'} | " + " | ".join(cells) + " |")
 
 
