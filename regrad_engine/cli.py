@@ -290,14 +290,15 @@ def _cmd_eval(args) -> int:
     from pathlib import Path
 
     from regrad_engine.checkpoint import MetaCheckpoint
-    from regrad_engine.errors import check_k
+    from regrad_engine.errors import check_gamma, check_k
     from regrad_engine.files import LockHeld, WriterLock, describe_holder
 
     check_k(args.k, "--k")
+    check_gamma(args.gamma)
     meta = MetaCheckpoint.load(args.meta)
     header = {"meta": args.meta, "meta_fingerprint": meta.fingerprint(), "model": args.model, "dtype": args.dtype,
               "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
-              "limit_per_set": args.limit, "seed": args.seed}
+              "limit_per_set": args.limit, "seed": args.seed, "gamma": args.gamma}
     if not args.out:
         return _run_eval(args, meta, header, previous=None)
     out = Path(args.out)
@@ -335,7 +336,8 @@ def _run_eval(args, meta, header: dict, previous: list[dict] | None) -> int:
 
     try:
         run = evaluate_systems(model, meta, args.data, split=args.split, k=args.k, limit=args.limit,
-                               seed=args.seed, systems=systems, setting=args.setting, previous=previous,
+                               seed=args.seed, systems=systems, setting=args.setting, gamma=args.gamma,
+                               previous=previous,
                                on_system=save if args.out else None)
     except KeyboardInterrupt:
         if args.out and Path(args.out).exists():
@@ -344,6 +346,9 @@ def _run_eval(args, meta, header: dict, previous: list[dict] | None) -> int:
         raise
     print(markdown_tables(summarize(run, seed=args.seed), args.setting))
     return 0
+
+
+EVAL_HEADER_BEFORE = {"gamma": 1.0}  # what `regrad eval` files written before these were recorded ran with
 
 
 def _earlier_eval(out, header: dict) -> list[dict] | None:
@@ -359,7 +364,8 @@ def _earlier_eval(out, header: dict) -> list[dict] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _usage(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
                           "move it away or pick another --out (it is not overwritten)") from None
-    differ = {key: (earlier.get(key), value) for key, value in header.items() if earlier.get(key) != value}
+    written = {**EVAL_HEADER_BEFORE, **earlier}  # files from before a setting was recorded ran with its default
+    differ = {key: (written.get(key), value) for key, value in header.items() if written.get(key) != value}
     if differ:
         said = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differ.items())
         raise _usage(f"--out {out} holds an evaluation with other settings ({said}): pick another --out, "
@@ -609,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="given: each question's gold among hard negatives; retrieval: BM25 top-k over every "
                         "passage of the split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="test-time step scale of the systems that apply gradients (default: 1.0)")
     p.add_argument("--out", default=None, help="write the per-set report and per-question answers as JSON")
     _add_model_args(p)
     p.set_defaults(func=_cmd_eval)

@@ -87,7 +87,7 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
                      k: int = 3, limit: int | None = None, seed: int = 0, systems: Sequence[str] = SYSTEMS,
                      setting: str = "given", batch_size: int = 16, max_new_tokens: int = 20, progress: bool = True,
                      log: Callable[[str], None] = print, previous: Sequence[dict] | None = None,
-                     on_system: Callable[[EvalRun], None] | None = None) -> EvalRun:
+                     on_system: Callable[[EvalRun], None] | None = None, gamma: float = 1.0) -> EvalRun:
     """Answer a split with each system.
 
     Args:
@@ -97,6 +97,8 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
             same questions: the systems answered there are kept and not run again.
         on_system: Called with the run after each system finishes (e.g. to save it, so an
             interrupted evaluation loses at most the system in progress).
+        gamma: Test-time step scale of every system that applies gradients (ReGrad, hybrid,
+            random and raw gradients), as ``regrad ask --gamma``.
 
     Raises:
         DataError: Unknown system or setting, a data directory without the needed files, or
@@ -138,8 +140,8 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
                                        storage_dtype="fp32")
             log(f"computing {len(chunks)} passage gradients at the {name} LoRA")
             add_gradients(model.model, model.tokenizer, space, ckpt.phi, chunks, bank, progress=progress)
-            return ReGrad(model.model, model.tokenizer, space, ckpt, bank=bank, k=k, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, on_the_fly=False)
+            return ReGrad(model.model, model.tokenizer, space, ckpt, bank=bank, k=k, gamma=gamma,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, on_the_fly=False)
 
         plain = ReGrad(model.model, model.tokenizer, space, meta, k=k, max_new_tokens=max_new_tokens,
                        batch_size=batch_size)

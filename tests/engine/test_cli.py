@@ -81,6 +81,13 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
     assert main([*argv[:-len(tiny)], "--k", "2", *tiny]) == 2  # other settings: refused, the file kept
     assert "holds an evaluation with other settings (k 3 there, 2 now)" in capsys.readouterr().err
     assert json.loads(out.read_text()) == resumed
+    assert resumed["gamma"] == 1.0
+    del resumed["gamma"]  # as written before gamma was recorded: those runs had the default step
+    out.write_text(json.dumps(resumed))
+    assert main([*argv[:-len(tiny)], "--gamma", "2", *tiny]) == 2
+    assert "(gamma 1.0 there, 2.0 now)" in capsys.readouterr().err
+    assert main([*argv, "--systems", "direct"]) == 0
+    assert "nothing left to answer" in capsys.readouterr().out
     for notes in ("my notes", '{"questions": [1, 2]}'):
         (root / "notes.json").write_text(notes)
         assert main([*argv[:-len(tiny) - 2], "--out", str(root / "notes.json"), *tiny]) == 2
@@ -131,6 +138,7 @@ def test_a_second_eval_into_the_same_out_is_refused_until_the_first_ends(workspa
     (["build", "--corpus", "{root}/data/corpus.jsonl", "--meta", "{root}/meta/best", "--store", "{root}/s5",
       "--chunk-tokens", "1"], "(--chunk-tokens) must be >= 8"),
     (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--limit", "0"], "--limit must be"),
+    (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--gamma", "-1"], "gamma must be finite"),
     (["synth", "--out", "{root}/x", "--entities", "0"], "--entities must be"),
     (["data", "--out", "{root}/x", "--max-words", "0"], "max_words"),
 ])

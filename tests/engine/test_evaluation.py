@@ -94,6 +94,16 @@ def test_every_system_answers_every_question(loaded, data_dir, setting):
     assert "Format control" in markdown_tables(report, setting)
 
 
+def test_gamma_scales_the_gradient_step_of_the_evaluated_systems(loaded, data_dir):
+    model, meta = loaded
+    systems = ("meta_lora", "regrad", "random_grads")
+    full = evaluate_systems(model, meta, data_dir, k=2, systems=systems, progress=False, log=lambda _: None)
+    assert full.predictions["regrad"] != full.predictions["meta_lora"]  # the step changes answers here
+    none = evaluate_systems(model, meta, data_dir, k=2, systems=systems, progress=False, log=lambda _: None,
+                            gamma=0.0)
+    assert none.predictions["regrad"] == none.predictions["random_grads"] == full.predictions["meta_lora"]
+
+
 def test_unknown_system_is_refused(loaded, data_dir):
     model, meta = loaded
     with pytest.raises(DataError, match="unknown system 'oracle'"):
