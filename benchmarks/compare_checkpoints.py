@@ -1,6 +1,7 @@
 """Two `regrad eval --out` reports of the same data side by side: each set's F1 (EM for PubMedQA)
 of the systems that matter, for checkpoint A and checkpoint B, and what the gradients add over
-random passages' gradients (ReGrad parametric - random, paired 95% bootstrap interval).
+random passages' gradients (ReGrad parametric - random, with the paired 95% bootstrap interval
+of the per-question gap in the row's metric).
 
     python benchmarks/compare_checkpoints.py A.json B.json [--names "step 160" "step 240"]
 
@@ -11,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from targets import paired_gap  # this directory is on the path when run as a script
+
+from regrad_engine.metrics import exact_match, token_f1
 
 SYSTEMS = ("random_grads", "format_control", "regrad", "rag", "regrad_hybrid")
 
@@ -30,14 +34,19 @@ def main() -> None:
     print("| set | metric | majority label (its share) | " + " | ".join(f"{s} {n}" for s in systems for n in args.names)
           + "".join(f" | ReGrad - random {n}" for n in args.names if gap) + " |")
     print("|---|---|---|" + "---|" * (len(args.names) * (len(systems) + gap)))
-    for name in reports[0]:
+    sets = [name for name in reports[0] if name in reports[1]]
+    for name in sorted(set(reports[0]) ^ set(reports[1])):
+        print(f"(set {name} is in only one of the files: left out)", file=sys.stderr)
+    for name in sets:
         metric = "exact_match" if name == "pubmedqa" else "f1"
+        score = exact_match if metric == "exact_match" else token_f1
         majority = reports[0][name]["systems"]["majority"][metric]["mean"]  # the same data: the same for both
         cells = [f"{majority:.3f} ({reports[0][name]['majority_share']:.2f})"]
         cells += [f"{r[name]['systems'][s][metric]['mean']:.3f}" for s in systems for r in reports]
         if gap:
             cells += [f"{r[name]['systems']['regrad'][metric]['mean'] - r[name]['systems']['random_grads'][metric]['mean']:+.3f}"
-                      + paired_gap(run["questions"], name, "regrad", "random_grads") for r, run in zip(reports, runs)]
+                      + paired_gap(run["questions"], name, "regrad", "random_grads", score)
+                      for r, run in zip(reports, runs)]
         print(f"| {name} | {'EM' if metric == 'exact_match' else 'F1'} | " + " | ".join(cells) + " |")
 
 

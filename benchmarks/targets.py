@@ -36,14 +36,14 @@ def _f1(entry: dict, system: str) -> float:
     return entry["systems"][system]["f1"]["mean"]
 
 
-def paired_gap(questions: Sequence[dict], source: str, first: str, second: str) -> str:
-    """`` [low, high]``: the paired 95% bootstrap interval of F1(first) - F1(second) over the
-    set's questions, or "" when the per-question answers are not in the file."""
+def paired_gap(questions: Sequence[dict], source: str, first: str, second: str, metric=token_f1) -> str:
+    """`` [low, high]``: the paired 95% bootstrap interval of metric(first) - metric(second) over
+    the set's questions (token F1 unless told), or "" when the per-question answers are not in the file."""
     rows = [q for q in questions  # the report names a set without a source "all"
             if (q["source"] or "all") == source and {first, second} <= q["predictions"].keys()]
     if not rows:
         return ""
-    gaps = [token_f1(q["predictions"][first], q["answers"]) - token_f1(q["predictions"][second], q["answers"])
+    gaps = [metric(q["predictions"][first], q["answers"]) - metric(q["predictions"][second], q["answers"])
             for q in rows]
     low, high = bootstrap_interval(gaps)
     return f" [{low:+.3f}, {high:+.3f}]"

@@ -302,6 +302,8 @@ def _cmd_eval(args) -> int:
     if not args.out:
         return _run_eval(args, meta, header, previous=None)
     out = Path(args.out)
+    if not out.name or out.is_dir():
+        raise _usage(f"--out {args.out} is a directory: give the path of a JSON file, e.g. {out / 'eval.json'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = WriterLock(out.with_name(f".{out.name}.lock"))  # two evals into one --out would lose answers
     try:

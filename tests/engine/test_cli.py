@@ -139,6 +139,8 @@ def test_a_second_eval_into_the_same_out_is_refused_until_the_first_ends(workspa
       "--chunk-tokens", "1"], "(--chunk-tokens) must be >= 8"),
     (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--limit", "0"], "--limit must be"),
     (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--gamma", "-1"], "gamma must be finite"),
+    (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--out", "{root}"], "is a directory"),
+    (["eval", "--data", "{root}/data", "--meta", "{root}/meta/best", "--out", "."], "is a directory"),
     (["synth", "--out", "{root}/x", "--entities", "0"], "--entities must be"),
     (["data", "--out", "{root}/x", "--max-words", "0"], "max_words"),
 ])
