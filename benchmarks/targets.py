@@ -78,13 +78,15 @@ def check_given(report: dict[str, dict], questions: Sequence[dict] = ()) -> list
     return rows
 
 
-def check_retrieval(report: dict[str, dict]) -> list[tuple[str, str, bool, str]]:
+def check_retrieval(report: dict[str, dict], questions: Sequence[dict] = ()) -> list[tuple[str, str, bool, str]]:
     rows = []
     for name, entry in report.items():
         if {"regrad_hybrid", "rag"} <= set(entry["systems"]):
             hybrid, rag = _f1(entry, "regrad_hybrid"), _f1(entry, "rag")
             rows.append((name, "retrieval: hybrid F1 >= RAG", hybrid >= rag,
-                         f"hybrid {hybrid:.3f}, RAG {rag:.3f} (gold in top-k {entry['gold_recall']:.0%})"))
+                         f"hybrid {hybrid:.3f}, RAG {rag:.3f} ({hybrid - rag:+.3f}"
+                         f"{paired_gap(questions, name, 'regrad_hybrid', 'rag')}; gold in top-k "
+                         f"{entry['gold_recall']:.0%})"))
     return rows
 
 
@@ -110,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 best[key] = (n, row)
     rows = [(n, *row) for n, row in best.values()]
     if args.retrieval:
-        retrieval = json.load(open(args.retrieval, encoding="utf-8"))["report"]
-        rows += [(retrieval[row[0]]["n"], *row) for row in check_retrieval(retrieval)]
+        retrieval = json.load(open(args.retrieval, encoding="utf-8"))
+        report = retrieval["report"]
+        rows += [(report[row[0]]["n"], *row) for row in check_retrieval(report, retrieval.get("questions", ()))]
     if not rows:
         parser.error("pass --given and/or --retrieval")
     print("| set | target | n | met | measured |\n|---|---|---|---|---|")
