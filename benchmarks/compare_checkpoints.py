@@ -18,7 +18,7 @@ from targets import paired_gap  # this directory is on the path when run as a sc
 
 from regrad_engine.metrics import exact_match, token_f1
 
-SYSTEMS = ("random_grads", "format_control", "regrad", "rag", "regrad_hybrid")
+SYSTEMS = ("meta_lora", "random_grads", "format_control", "regrad", "rag", "regrad_hybrid")
 
 
 def main() -> None:

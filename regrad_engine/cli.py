@@ -365,13 +365,13 @@ def _earlier_eval(out, header: dict) -> list[dict] | None:
             raise TypeError("'questions' is not a list of records")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _usage(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
-                          "move it away or pick another --out (it is not overwritten)") from None
+                     "move it away or pick another --out (it is not overwritten)") from None
     written = {**EVAL_HEADER_BEFORE, **earlier}  # files from before a setting was recorded ran with its default
     differ = {key: (written.get(key), value) for key, value in header.items() if written.get(key) != value}
     if differ:
         said = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differ.items())
         raise _usage(f"--out {out} holds an evaluation with other settings ({said}): pick another --out, "
-                          "or rerun with its settings to add systems to it")
+                     "or rerun with its settings to add systems to it")
     return questions
 
 
