@@ -125,10 +125,7 @@ SOURCE_FILE = "regrad-source.json"  # beside a cached copy: the pinned wheels an
 
 def source_record(spec: EmbeddedModel) -> dict:
     """What a cached copy of ``spec`` must have been made from (the pinned wheels and GGUF)."""
-    return {"alias": spec.alias, "wheels": list(spec.wheels), "parts": list(spec.parts), "sha256": spec.sha256}
-
-
-_PINS = ("wheels", "parts", "sha256")  # what makes two copies differ (other fields may be added later)
+    return {"wheels": list(spec.wheels), "parts": list(spec.parts), "sha256": spec.sha256}
 
 
 def _complete(directory: Path) -> bool:
@@ -152,7 +149,8 @@ def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
     with a record of its source (``regrad-source.json``). A copy made from other wheels than
     the ones this version pins is made again (the old one stays until the new one is complete);
     a copy from before the record existed is from the same pins (they have not changed): it is
-    used, and gets the record where the cache is writable. Concurrent first loads wait for one another (a lock file beside the copy).
+    used, and gets the record where the cache is writable. Concurrent first loads wait for one
+    another (a lock file beside the copy).
     """
     spec = EMBEDDED_MODELS[alias]
     target = cache_dir() / "models" / alias.removeprefix("embedded:")
@@ -160,7 +158,8 @@ def embedded_model_dir(alias: str = DEFAULT_MODEL) -> Path:
 
     def matches(directory: Path) -> bool:
         found = _cached_source(directory)
-        return found is not None and all(found.get(key) == record[key] for key in _PINS)
+        # only the pins count: fields a later version adds to the record do not
+        return found is not None and all(found.get(key) == value for key, value in record.items())
 
     def usable() -> bool:
         if not _complete(target):
