@@ -142,9 +142,17 @@ def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _autocast(device: torch.device, enabled: bool):
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def _autocast(device: torch.device, enabled: bool, cpu: bool = False):
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -179,6 +187,9 @@ class MetaTrainer:
         self.model, self.tokenizer, self.space, self.cfg = model, tokenizer, space, config
         self.base_model, self.base_fingerprint = base_model, base_fingerprint
         self.device = torch.device(config.device)
+        if config.cpu_bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn("--cpu-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 autocast will be "
+                          "slower than fp32 here; drop --cpu-bf16", stacklevel=2)
         if init is not None:
             init.check_base(base_fingerprint, base_model)
             phi0 = {k: v.float() for k, v in init.phi.items()}
@@ -266,7 +277,7 @@ class MetaTrainer:
         batch = tasks if isinstance(tasks, TaskBatch) else self.encode(tasks)
         total = torch.zeros((), device=self.device)
         for part in batch.split(self.cfg.micro_batch) if self.cfg.micro_batch else [batch]:
-            with _autocast(self.device, self.cfg.bf16):
+            with _autocast(self.device, self.cfg.bf16, cpu=self.cfg.cpu_bf16):
                 loss = self._loss(part) * (part.size / batch.size)
             loss.backward()
             total += loss.detach()

@@ -154,8 +154,41 @@ def test_trainer_takes_the_memory_options_from_its_config(tokenizer, tmp_path):
     for got, want in zip(*reversed(grads), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     defaults = MetaTrainConfig(data="d", out="o")
-    assert defaults.bf16 and defaults.attention == "sdpa"  # bf16 autocast applies on CUDA only
+    assert defaults.bf16 and defaults.attention == "sdpa"  # bf16 autocast on CUDA; CPU needs --cpu-bf16
     assert defaults.loss_chunk > 0 and not defaults.gradient_checkpointing
+
+
+def test_cpu_bf16_runs_meta_steps_under_autocast_close_to_fp32_and_keeps_dev_loss_in_fp32(tokenizer, tmp_path):
+    tasks = fictional_tasks(0, NAMES)
+    fp32 = _trainer(tokenizer, tmp_path / "a", steps=2)
+    bf16 = _trainer(tokenizer, tmp_path / "b", steps=2, cpu_bf16=True)
+    fp32.train_step(tasks[:4])  # B moves off zero, so every gradient below is non-zero
+    fp32.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for mine, theirs in ((bf16.phi, fp32.phi), (bf16.alpha, fp32.alpha)):
+            for key, value in theirs.items():
+                mine[key].copy_(value)
+    seen: dict[str, set] = {"a": set(), "b": set()}
+    grads = []
+    for name, trainer in (("a", fp32), ("b", bf16)):
+        layer = trainer.model.model.layers[0].self_attn.o_proj
+        hook = layer.register_forward_hook(lambda module, args, out, name=name: seen[name].add(out.dtype))
+        trainer.accumulate_gradients(tasks[4:8])
+        hook.remove()
+        grads.append(torch.cat([p.grad.flatten() for p in [*trainer.phi.values(), *trainer.alpha.values()]]))
+    assert seen == {"a": {torch.float32}, "b": {torch.bfloat16}}
+    assert torch.nn.functional.cosine_similarity(*grads, dim=0) > 0.99
+    assert 0.9 < float(grads[1].norm() / grads[0].norm()) < 1.1
+    assert bf16.dev_loss(tasks[8:]) == fp32.dev_loss(tasks[8:])  # dev loss compares with fp32 runs
+    assert not MetaTrainConfig(data="d", out="o").cpu_bf16
+
+
+def test_cpu_bf16_warns_where_the_cpu_has_no_native_bf16(tokenizer, tmp_path, monkeypatch):
+    import regrad_engine.meta as meta
+
+    monkeypatch.setattr(meta, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        _trainer(tokenizer, tmp_path, steps=1, cpu_bf16=True)
 
 
 def test_encoded_batches_give_the_same_loss_and_are_prefetched_in_order(tokenizer, tmp_path):
