@@ -162,7 +162,12 @@ def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title:
 
 def train_command() -> str:
     """The exact commands that make the general checkpoint (see its README)."""
+    train = ("  regrad train --data runs/general --out runs/meta-16 --init-from regrad_engine/checkpoints/smollm2-135m-synth "
+             "--mode mixed --steps 400 --tasks-per-step 16 --micro-batch 4 --lr 1e-3 --alpha-lr 0.05 "
+             "--eval-every 10 --dev-size 32 --threads 2")
     return ("  regrad data --out runs/general\n"
-            "  regrad train --data runs/general --out runs/meta-general --init-from regrad_engine/checkpoints/smollm2-135m-synth "
-            "--mode mixed --steps 240 --tasks-per-step 4 --eval-every 40 --dev-size 32 --lr 1e-3 --alpha-lr 0.05\n"
-            "  cp -r runs/meta-general/best regrad_engine/checkpoints/smollm2-135m-general")
+            f"{train} --stop-after 120\n"
+            f"{train} --cpu-bf16\n"
+            "  mkdir -p regrad_engine/checkpoints/smollm2-135m-general\n"
+            "  cp runs/meta-16/best/manifest.json runs/meta-16/best/meta.safetensors "
+            "regrad_engine/checkpoints/smollm2-135m-general/")
