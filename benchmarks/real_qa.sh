@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 META="${1:-regrad_engine/checkpoints/smollm2-135m-general}"
 LIMIT="${2:-200}"
 RLIMIT="${3:-$LIMIT}"
-TAG="${4:-cpu}"
+TAG="${4:-local}"
 PY=.venv/bin
 [ -d runs/general ] || $PY/regrad data --out runs/general
 $PY/regrad eval --data runs/general --meta "$META" --limit "$LIMIT" --threads 2 \
