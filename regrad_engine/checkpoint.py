@@ -3,13 +3,15 @@
 Layout (fixed names):
     meta.safetensors   phi tensors under their keys, alpha under "alpha/<key>"
     manifest.json      format version, base model name + fingerprint, LoRA spec,
-                       alpha mode, training mode, step, metrics, library version
+                       alpha mode, training mode, step, metrics, library version, and
+                       whether documents began with the tokenizer's BOS token in training
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,9 @@ from torch import Tensor
 from regrad_engine.errors import CheckpointError
 from regrad_engine.files import atomic_write, atomic_write_json
 from regrad_engine.lora import Phi
+from regrad_engine.prompts import bos_prefix
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _ALPHA_PREFIX = "alpha/"
@@ -63,6 +68,9 @@ class MetaCheckpoint:
     mode: str = "parametric"
     step: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Whether the meta-training documents began with the tokenizer's BOS token (see
+    # ``prompts.encode_documents``); None: not recorded (checkpoints from before regrad recorded it).
+    document_bos: bool | None = None
 
     def fingerprint(self) -> str:
         """Hash of the exact phi and alpha values: what a Gradient Bank is bound to."""
@@ -88,7 +96,7 @@ class MetaCheckpoint:
             "metrics": self.metrics,
             "meta_fingerprint": self.fingerprint(),
             "library_version": library_version(),
-        }
+        } | ({} if self.document_bos is None else {"document_bos": self.document_bos})
 
     def save(self, directory: str | Path) -> Path:
         """Write atomically (temp files + rename) so a crash never leaves half a checkpoint."""
@@ -128,15 +136,31 @@ class MetaCheckpoint:
         return cls(phi=phi, alpha=alpha, alpha_mode=manifest["alpha_mode"], lora=manifest["lora"],
                    base_model=manifest["base_model"], base_fingerprint=manifest["base_fingerprint"],
                    mode=manifest.get("mode", "parametric"), step=manifest.get("step", 0),
-                   metrics=manifest.get("metrics", {}))
+                   metrics=manifest.get("metrics", {}), document_bos=manifest.get("document_bos"))
 
-    def check_base(self, fingerprint: str, name: str = "") -> None:
-        """Refuse to run on a base model other than the one this checkpoint was trained on."""
+    def check_base(self, fingerprint: str, name: str = "", *, tokenizer=None) -> None:
+        """Refuse to run on a base model other than the one this checkpoint was trained on, or
+        (given its ``tokenizer``) with documents encoded otherwise than in its training."""
         if fingerprint != self.base_fingerprint:
             raise CheckpointError(
                 f"this meta checkpoint was trained on base model {self.base_model!r} "
                 f"(fingerprint {self.base_fingerprint}) but the loaded model {name!r} has fingerprint "
                 f"{fingerprint}: load the matching model or train a checkpoint for this one")
+        if tokenizer is None:
+            return
+        bos = bool(bos_prefix(tokenizer))
+        if self.document_bos is not None and self.document_bos != bos:
+            said = "began" if self.document_bos else "did not begin"
+            does = "begins" if bos else "does not begin"
+            raise CheckpointError(
+                f"this meta checkpoint's training documents {said} with the BOS token, but this regrad "
+                f"{does} documents with it for {name or self.base_model!r}: its gradients would not match; "
+                "use the regrad version that trained it or train a checkpoint with this one")
+        if self.document_bos is None and bos:
+            log.warning("this meta checkpoint does not record whether its training documents began with the "
+                        "BOS token (made before regrad recorded it); regrad begins documents with it for %r: "
+                        "a checkpoint trained without it gives weaker gradients (retrain to be sure)",
+                        name or self.base_model)
 
 
 def to_device(tensors: dict[str, Tensor], device, dtype=None) -> dict[str, Tensor]:

@@ -130,7 +130,7 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     questions = [item.question for item in items]
     passages = [[h.text for h in d] for d in documents]
 
-    meta.check_base(model.fingerprint, model.name)
+    meta.check_base(model.fingerprint, model.name, tokenizer=model.tokenizer)
     space = LoraSpace.attach(model.model, meta.lora)
     needed = {h.id: h.text for d in documents for h in d}  # random_docs are drawn from these
     chunks = [Chunk(id=d, text=t, source_id=d, index=0) for d, t in sorted(needed.items())]
@@ -199,7 +199,8 @@ def _retrieve(docs: dict[str, dict], pool: list[str], questions: list[str], k: i
 
 def _raw(space: LoraSpace, meta: MetaCheckpoint, seed: int) -> MetaCheckpoint:
     return MetaCheckpoint(phi=space.init_phi(seed=seed), alpha=meta.alpha, alpha_mode=meta.alpha_mode,
-                          lora=meta.lora, base_model=meta.base_model, base_fingerprint=meta.base_fingerprint)
+                          lora=meta.lora, base_model=meta.base_model, base_fingerprint=meta.base_fingerprint,
+                          document_bos=meta.document_bos)
 
 
 def _plain(engine: ReGrad, questions: Sequence[str], passages) -> list[str]:

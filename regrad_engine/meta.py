@@ -35,7 +35,7 @@ from regrad_engine.data import MetaExample
 from regrad_engine.errors import check_mode
 from regrad_engine.gradients import DEFAULT_LOSS_CHUNK, document_gradients, model_loss
 from regrad_engine.lora import LoraSpace, Phi, apply_update, init_step_sizes
-from regrad_engine.prompts import encode_documents, encode_qa_batch
+from regrad_engine.prompts import bos_prefix, encode_documents, encode_qa_batch
 
 _T = TypeVar("_T")
 _U = TypeVar("_U")
@@ -191,7 +191,7 @@ class MetaTrainer:
             warnings.warn("--cpu-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 autocast will be "
                           "slower than fp32 here; drop --cpu-bf16", stacklevel=2)
         if init is not None:
-            init.check_base(base_fingerprint, base_model)
+            init.check_base(base_fingerprint, base_model, tokenizer=tokenizer)
             phi0 = {k: v.float() for k, v in init.phi.items()}
             alpha0 = {k: v.float() for k, v in init.alpha.items()}
         else:
@@ -215,7 +215,8 @@ class MetaTrainer:
                               alpha={k: v.detach().clone() for k, v in self.alpha.items()},
                               alpha_mode=self.cfg.alpha_mode, lora=self.space.spec(),
                               base_model=self.base_model, base_fingerprint=self.base_fingerprint,
-                              mode=self.cfg.mode, step=self.step, metrics=metrics or {})
+                              mode=self.cfg.mode, step=self.step, metrics=metrics or {},
+                              document_bos=bool(bos_prefix(self.tokenizer)))
 
     def save_state(self, directory: Path) -> None:
         """Checkpoint + optimiser state, enough to resume exactly (no pickle)."""
@@ -229,7 +230,7 @@ class MetaTrainer:
 
     def load_state(self, directory: Path) -> None:
         ckpt = MetaCheckpoint.load(directory, device=self.device)
-        ckpt.check_base(self.base_fingerprint, self.base_model)
+        ckpt.check_base(self.base_fingerprint, self.base_model, tokenizer=self.tokenizer)
         with torch.no_grad():
             for k, v in ckpt.phi.items():
                 self.phi[k].copy_(v)

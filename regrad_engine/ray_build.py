@@ -175,7 +175,7 @@ class SliceWorker:
         try:
             self.model = loader()
             self.checkpoint = MetaCheckpoint.load(meta_path)
-            self.checkpoint.check_base(self.model.fingerprint, self.model.name)
+            self.checkpoint.check_base(self.model.fingerprint, self.model.name, tokenizer=self.model.tokenizer)
         except RegradError as err:
             self.failed = err
             return

@@ -246,7 +246,7 @@ class Store:
         if model is None:
             name = self.model_name
             model = load_model(name, device=device, dtype=dtype)
-        checkpoint.check_base(model.fingerprint, model.name)
+        checkpoint.check_base(model.fingerprint, model.name, tokenizer=model.tokenizer)
         space = LoraSpace.attach(model.model, checkpoint.lora)
         bank = self.bank(self.binding(model, checkpoint))
         index = retriever if retriever is not None else self.index()
@@ -346,7 +346,7 @@ def build_store(store: str | Path, chunks: Sequence[Chunk], *, model: LoadedMode
         RetrievalError: With ``reuse_index``, chunks missing from ``index``.
     """
     checkpoint = MetaCheckpoint.load(meta_path)
-    checkpoint.check_base(model.fingerprint, model.name)
+    checkpoint.check_base(model.fingerprint, model.name, tokenizer=model.tokenizer)
     opened = open_for_build(store, chunks, model_name=model.name, meta_path=meta_path, doc_max_tokens=doc_max_tokens,
                             index=index, reuse_index=reuse_index)
     space = LoraSpace.attach(model.model, checkpoint.lora)

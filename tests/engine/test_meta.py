@@ -90,6 +90,38 @@ def test_checkpoint_roundtrip_and_refusals(tokenizer, tmp_path):
         MetaCheckpoint.load(tmp_path / "missing")
 
 
+def test_checkpoint_records_whether_documents_began_with_bos(tokenizer, tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+
+    import regrad_engine.checkpoint as checkpoint_module
+    from regrad_engine.prompts import bos_prefix
+
+    trainer = _trainer(tokenizer, tmp_path, steps=1)
+    trainer.checkpoint().save(tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    bos = bool(bos_prefix(tokenizer))
+    assert manifest["document_bos"] is bos
+    loaded = MetaCheckpoint.load(tmp_path / "ck")
+    assert loaded.document_bos is bos
+    loaded.check_base(loaded.base_fingerprint, "m", tokenizer=tokenizer)  # as trained: accepted
+    monkeypatch.setattr(checkpoint_module, "bos_prefix", lambda tok: [] if bos else [7])  # documents encoded otherwise
+    with pytest.raises(CheckpointError, match="BOS token"):
+        loaded.check_base(loaded.base_fingerprint, "m", tokenizer=tokenizer)
+    # a checkpoint from before the record: loads as unrecorded; warned about only where documents now begin with BOS
+    del manifest["document_bos"]
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+    old = MetaCheckpoint.load(tmp_path / "ck")
+    assert old.document_bos is None and "document_bos" not in old.manifest()
+    with caplog.at_level(logging.WARNING, logger="regrad_engine.checkpoint"):
+        monkeypatch.setattr(checkpoint_module, "bos_prefix", lambda tok: [])
+        old.check_base(old.base_fingerprint, "m", tokenizer=tokenizer)
+        assert not caplog.records
+        monkeypatch.setattr(checkpoint_module, "bos_prefix", lambda tok: [7])
+        old.check_base(old.base_fingerprint, "m", tokenizer=tokenizer)
+    assert any("does not record" in r.getMessage() for r in caplog.records)
+
+
 def test_mixed_mode_puts_the_passages_in_every_second_prompt(tokenizer, tmp_path):
     from regrad_engine.meta import hybrid_tasks, meta_loss
 
