@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(None)
     meta = MetaCheckpoint.load(args.meta)
-    meta.check_base(model.fingerprint, model.name)
+    meta.check_base(model.fingerprint, model.name, tokenizer=model.tokenizer)
     space = LoraSpace.attach(model.model, meta.lora)
     items = eval_items(args.data, args.split, k=args.k, seed=0, limit=args.limit)
     docs = load_documents(args.data)

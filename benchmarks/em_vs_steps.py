@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     phi0 = space.init_phi(seed=0)
     initial = MetaCheckpoint(phi=phi0, alpha=init_step_sizes(phi0, first.alpha_mode, args.alpha_init),
                              alpha_mode=first.alpha_mode, lora=first.lora, base_model=first.base_model,
-                             base_fingerprint=first.base_fingerprint)
+                             base_fingerprint=first.base_fingerprint, document_bos=first.document_bos)
     points = []
     for step, ckpt in [(0, initial)] + [(int(p.name.split("-")[1]), MetaCheckpoint.load(p)) for p in steps]:
         scores = overall_scores(evaluate_systems(model, ckpt, args.data, split=args.split, limit=args.limit,

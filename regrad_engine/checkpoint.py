@@ -130,6 +130,9 @@ class MetaCheckpoint:
             raise CheckpointError(f"{directory} is not a regrad meta checkpoint")
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{directory} was written by a newer regrad; upgrade regrad")
+        if manifest.get("document_bos") not in (None, True, False):
+            raise CheckpointError(f"{manifest_path}: document_bos must be true or false, not "
+                                  f"{manifest['document_bos']!r}; restore the file as training wrote it")
         tensors = load_file(directory / "meta.safetensors", device=str(device))
         phi = {k: v for k, v in tensors.items() if not k.startswith(_ALPHA_PREFIX)}
         alpha = {k[len(_ALPHA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_ALPHA_PREFIX)}
@@ -150,12 +153,13 @@ class MetaCheckpoint:
             return
         bos = bool(bos_prefix(tokenizer))
         if self.document_bos is not None and self.document_bos != bos:
-            said = "began" if self.document_bos else "did not begin"
-            does = "begins" if bos else "does not begin"
+            trained = "beginning" if self.document_bos else "not beginning"
+            now = "with" if bos else "without"
             raise CheckpointError(
-                f"this meta checkpoint's training documents {said} with the BOS token, but this regrad "
-                f"{does} documents with it for {name or self.base_model!r}: its gradients would not match; "
-                "use the regrad version that trained it or train a checkpoint with this one")
+                f"this meta checkpoint was trained with documents {trained} with the BOS token, but documents "
+                f"for {name or self.base_model!r} are now encoded {now} it (this regrad version or this "
+                "tokenizer differs from training): its document gradients would not match. Use the tokenizer "
+                "and regrad version it was trained with, or train a checkpoint with these")
         if self.document_bos is None and bos:
             log.warning("this meta checkpoint does not record whether its training documents began with the "
                         "BOS token (made before regrad recorded it); regrad begins documents with it for %r: "

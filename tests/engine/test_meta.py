@@ -113,13 +113,22 @@ def test_checkpoint_records_whether_documents_began_with_bos(tokenizer, tmp_path
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
     old = MetaCheckpoint.load(tmp_path / "ck")
     assert old.document_bos is None and "document_bos" not in old.manifest()
+    def warned() -> bool:
+        return any(r.name == "regrad_engine.checkpoint" and "does not record" in r.getMessage()
+                   for r in caplog.records)
+
     with caplog.at_level(logging.WARNING, logger="regrad_engine.checkpoint"):
+        caplog.clear()
         monkeypatch.setattr(checkpoint_module, "bos_prefix", lambda tok: [])
         old.check_base(old.base_fingerprint, "m", tokenizer=tokenizer)
-        assert not caplog.records
+        assert not warned()
         monkeypatch.setattr(checkpoint_module, "bos_prefix", lambda tok: [7])
         old.check_base(old.base_fingerprint, "m", tokenizer=tokenizer)
-    assert any("does not record" in r.getMessage() for r in caplog.records)
+        assert warned()
+    manifest["document_bos"] = "false"  # hand-edited: refused with what to do, not a confusing mismatch later
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="true or false"):
+        MetaCheckpoint.load(tmp_path / "ck")
 
 
 def test_mixed_mode_puts_the_passages_in_every_second_prompt(tokenizer, tmp_path):
