@@ -3,9 +3,11 @@ of the systems that matter, for checkpoint A and checkpoint B, and what the grad
 random passages' gradients (ReGrad parametric - random, with the paired 95% bootstrap interval
 of the per-question gap in the row's metric).
 
-    python benchmarks/compare_checkpoints.py A.json B.json [--names "step 160" "step 240"]
+    python benchmarks/compare_checkpoints.py A.json B.json [--names "step 160" "step 240"] [--common]
 
-Systems missing from either file are left out.
+Systems missing from either file are left out. With ``--common`` both files are scored again on
+the questions they share only (by id; e.g. a ``--limit 30`` run against a full one), from
+their per-question answers.
 """
 
 from __future__ import annotations
@@ -13,12 +15,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 
 from targets import paired_gap  # this directory is on the path when run as a script
 
-from regrad_engine.metrics import exact_match, token_f1
+from regrad_engine.metrics import exact_match, normalize_answer, token_f1
 
 SYSTEMS = ("meta_lora", "random_grads", "format_control", "regrad", "rag", "regrad_hybrid")
+
+
+def common_report(run: dict, ids: set[str]) -> dict[str, dict]:
+    """``run``'s report (per set: majority share, each system's EM and F1 means) over the
+    questions whose id is in ``ids``, from the per-question answers."""
+    groups: dict[str, list[dict]] = {}
+    for q in run["questions"]:
+        if q["id"] in ids:
+            groups.setdefault(q["source"] or "all", []).append(q)
+    report = {}
+    for name, rows in groups.items():
+        majority, count = Counter(normalize_answer(q["answers"][0]) for q in rows).most_common(1)[0]
+        answered = {"majority": [majority] * len(rows)}
+        answered.update({s: [q["predictions"][s] for q in rows] for s in rows[0]["predictions"]
+                         if all(s in q["predictions"] for q in rows)})
+        report[name] = {"n": len(rows), "majority_share": count / len(rows), "systems": {
+            s: {metric: {"mean": sum(fn(p, q["answers"]) for p, q in zip(preds, rows)) / len(rows)}
+                for metric, fn in (("exact_match", exact_match), ("f1", token_f1))}
+            for s, preds in answered.items()}}
+    return report
 
 
 def main() -> None:
@@ -26,8 +49,17 @@ def main() -> None:
     parser.add_argument("a")
     parser.add_argument("b")
     parser.add_argument("--names", nargs=2, default=["A", "B"])
+    parser.add_argument("--common", action="store_true", help="score both on the questions they share only")
     args = parser.parse_args()
     runs = [json.load(open(path)) for path in (args.a, args.b)]
+    if args.common:
+        ids = {q["id"] for q in runs[0]["questions"]} & {q["id"] for q in runs[1]["questions"]}
+        if not ids:
+            sys.exit("the two files share no question id: nothing to compare")
+        for run in runs:
+            run["report"] = common_report(run, ids)
+            run["questions"] = [q for q in run["questions"] if q["id"] in ids]
+        print(f"(scored on the {len(ids)} questions both files answered)", file=sys.stderr)
     reports = [run["report"] for run in runs]
     systems = [s for s in SYSTEMS if all(s in next(iter(r.values()))["systems"] for r in reports)]
     gap = "regrad" in systems and "random_grads" in systems
