@@ -153,7 +153,7 @@ def score_table(model, meta: Path, data_dir: Path, *, limit: int, k: int, title:
     )
 
     print(f"held-out accuracy, {title}: first {limit} test questions, gold passage among BM25 hard negatives "
-          "from the test split, k={k} (regrad_engine.evaluation)", flush=True)
+          f"from the test split, k={k} (regrad_engine.evaluation)", flush=True)
     scores = overall_scores(evaluate_systems(model, MetaCheckpoint.load(meta), data_dir, split="test", k=k,
                                              limit=limit, systems=EVAL_SYSTEMS, progress=False, log=lambda _: None))
     print(markdown_table(scores) + "\n")

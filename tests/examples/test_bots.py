@@ -55,6 +55,7 @@ def _check_table(out: str):
                   "ReGrad hybrid (gradients + passages)"):
         assert f"| {label} |" in out
     assert "| 4 |" in out  # n = --limit
+    assert "first 4 test questions" in out and ", k=3 (" in out  # the header names the settings used
 
 
 def test_medical_bot(tiny, tmp_path, capsys):
