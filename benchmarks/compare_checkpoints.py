@@ -15,33 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 
 from targets import paired_gap  # this directory is on the path when run as a script
 
-from regrad_engine.metrics import exact_match, normalize_answer, token_f1
+from regrad_engine.data import EvalItem
+from regrad_engine.evaluation import EvalRun, summarize
+from regrad_engine.metrics import exact_match, token_f1
+from regrad_engine.retrieval.base import Hit
 
 SYSTEMS = ("meta_lora", "random_grads", "format_control", "regrad", "rag", "regrad_hybrid")
 
 
 def common_report(run: dict, ids: set[str]) -> dict[str, dict]:
-    """``run``'s report (per set: majority share, each system's EM and F1 means) over the
-    questions whose id is in ``ids``, from the per-question answers."""
-    groups: dict[str, list[dict]] = {}
-    for q in run["questions"]:
-        if q["id"] in ids:
-            groups.setdefault(q["source"] or "all", []).append(q)
-    report = {}
-    for name, rows in groups.items():
-        majority, count = Counter(normalize_answer(q["answers"][0]) for q in rows).most_common(1)[0]
-        answered = {"majority": [majority] * len(rows)}
-        answered.update({s: [q["predictions"][s] for q in rows] for s in rows[0]["predictions"]
-                         if all(s in q["predictions"] for q in rows)})
-        report[name] = {"n": len(rows), "majority_share": count / len(rows), "systems": {
-            s: {metric: {"mean": sum(fn(p, q["answers"]) for p, q in zip(preds, rows)) / len(rows)}
-                for metric, fn in (("exact_match", exact_match), ("f1", token_f1))}
-            for s, preds in answered.items()}}
-    return report
+    """``run``'s report over the questions whose id is in ``ids``: the evaluation's own
+    ``summarize`` on the per-question answers (systems that answered all of them)."""
+    rows = [q for q in run["questions"] if q["id"] in ids]
+    items = [EvalItem(id=q["id"], question=q["question"], answers=q["answers"], doc_ids=q["documents"],
+                      gold_id=q["gold_id"], source=q["source"]) for q in rows]
+    systems = [s for s in rows[0]["predictions"] if all(s in q["predictions"] for q in rows)]
+    return summarize(EvalRun(run["setting"], items, [[Hit(d, "", 0.0) for d in q["documents"]] for q in rows],
+                             {s: [q["predictions"][s] for q in rows] for s in systems}), seed=run.get("seed", 0))
 
 
 def main() -> None:

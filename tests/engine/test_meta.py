@@ -113,6 +113,7 @@ def test_checkpoint_records_whether_documents_began_with_bos(tokenizer, tmp_path
     (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
     old = MetaCheckpoint.load(tmp_path / "ck")
     assert old.document_bos is None and "document_bos" not in old.manifest()
+
     def warned() -> bool:
         return any(r.name == "regrad_engine.checkpoint" and "does not record" in r.getMessage()
                    for r in caplog.records)
