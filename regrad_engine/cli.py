@@ -300,7 +300,7 @@ def _cmd_eval(args) -> int:
               "data": args.data, "split": args.split, "k": args.k, "setting": args.setting,
               "limit_per_set": args.limit, "seed": args.seed, "gamma": args.gamma}
     if not args.out:
-        return _run_eval(args, meta, header, previous=None)
+        return _run_eval(args, meta, header, earlier=None)
     out = Path(args.out)
     if not out.name or out.is_dir():
         raise _usage(f"--out {args.out} is a directory: give the path of a JSON file, e.g. {out / 'eval.json'}")
@@ -312,12 +312,12 @@ def _cmd_eval(args) -> int:
         raise _usage(f"--out {out} is being written by another `regrad eval` ({describe_holder(exc.holder)}): "
                      "wait for it to finish, or pick another --out") from None
     try:
-        return _run_eval(args, meta, header, previous=_earlier_eval(out, header))
+        return _run_eval(args, meta, header, earlier=_earlier_eval(out, header))
     finally:
         lock.release()
 
 
-def _run_eval(args, meta, header: dict, previous: list[dict] | None) -> int:
+def _run_eval(args, meta, header: dict, earlier: dict | None) -> int:
     from pathlib import Path
 
     from regrad_engine.evaluation import (
@@ -328,8 +328,19 @@ def _run_eval(args, meta, header: dict, previous: list[dict] | None) -> int:
         summarize,
     )
     from regrad_engine.files import atomic_write_json
+    from regrad_engine.prompts import bos_prefix
 
     model = _load(args.model, args.device, args.dtype, args.threads)
+    # How documents are encoded is only known once the tokenizer is loaded; gradients of documents
+    # encoded otherwise are other gradients, so an earlier run's answers are not this run's.
+    header = {**header, "document_bos": bool(bos_prefix(model.tokenizer))}
+    said = earlier.get("document_bos") if earlier else None  # files from before it was recorded: unknown
+    if said is not None and said != header["document_bos"]:
+        raise _usage(f"--out {args.out} holds an evaluation whose documents were encoded "
+                     f"{'with' if said else 'without'} the BOS token; this regrad version or tokenizer encodes them "
+                     f"{'with' if header['document_bos'] else 'without'} it: pick another --out, or evaluate with the "
+                     "regrad version and tokenizer it was written with")
+    previous = earlier["questions"] if earlier else None
     systems = args.systems.split(",") if args.systems else SYSTEMS
 
     def save(run) -> None:  # after every system: an interrupted evaluation resumes from here
@@ -353,9 +364,9 @@ def _run_eval(args, meta, header: dict, previous: list[dict] | None) -> int:
 EVAL_HEADER_BEFORE = {"gamma": 1.0}  # what `regrad eval` files written before these were recorded ran with
 
 
-def _earlier_eval(out, header: dict) -> list[dict] | None:
-    """The per-question records of an earlier `regrad eval` into ``out`` with the same settings
-    (its systems are not run again), or None if there is none."""
+def _earlier_eval(out, header: dict) -> dict | None:
+    """An earlier `regrad eval` into ``out`` with the same settings (its systems are not run
+    again; its per-question records are under ``"questions"``), or None if there is none."""
     if not out.exists():
         return None
     try:
@@ -372,7 +383,7 @@ def _earlier_eval(out, header: dict) -> list[dict] | None:
         said = ", ".join(f"{key} {old!r} there, {new!r} now" for key, (old, new) in differ.items())
         raise _usage(f"--out {out} holds an evaluation with other settings ({said}): pick another --out, "
                      "or rerun with its settings to add systems to it")
-    return questions
+    return earlier
 
 
 def _cmd_demo(args) -> int:

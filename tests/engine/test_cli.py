@@ -88,6 +88,17 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
     assert "(gamma 1.0 there, 2.0 now)" in capsys.readouterr().err
     assert main([*argv, "--systems", "direct"]) == 0
     assert "nothing left to answer" in capsys.readouterr().out
+    resumed = json.loads(out.read_text())
+    assert isinstance(resumed["document_bos"], bool)
+    encoded_otherwise = {**resumed, "document_bos": not resumed["document_bos"]}
+    out.write_text(json.dumps(encoded_otherwise))  # documents encoded otherwise: other gradients, refused
+    assert main([*argv, "--systems", "direct"]) == 2
+    assert "evaluation whose documents were encoded" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == encoded_otherwise
+    del resumed["document_bos"]  # as written before it was recorded: accepted
+    out.write_text(json.dumps(resumed))
+    assert main([*argv, "--systems", "direct"]) == 0
+    assert "nothing left to answer" in capsys.readouterr().out
     for notes in ("my notes", '{"questions": [1, 2]}'):
         (root / "notes.json").write_text(notes)
         assert main([*argv[:-len(tiny) - 2], "--out", str(root / "notes.json"), *tiny]) == 2
