@@ -46,13 +46,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.n < 1:
+        sys.exit(f"--n {args.n}: give a number of passages of at least 1")
     corpus = Path(args.corpus)
+    if corpus.is_dir():
+        corpus = corpus / "corpus.jsonl"
     if not corpus.is_file():
-        sys.exit(f"{corpus} does not exist: write it with `regrad data --out {corpus.parent}`")
+        sys.exit(f"{corpus} does not exist: pass the corpus.jsonl (or the directory) written by `regrad data --out DIR`")
     texts = []
     with corpus.open(encoding="utf-8") as lines:
-        for line in lines:
-            texts.append(json.loads(line)["text"])
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (ValueError, KeyError, TypeError):
+                sys.exit(f"{corpus}:{number} is not a JSON record with a 'text': pass a corpus written by `regrad data`")
             if len(texts) == args.n:
                 break
     loaded = load_model(args.model)
@@ -63,17 +72,18 @@ def main(argv=None) -> int:
         bos_used = [tok.bos_token_id]  # not what regrad does for this model; measured to show why
     else:
         bos_used = bos
+    encoded = [tok(text, add_special_tokens=False)["input_ids"][:args.max_tokens] for text in texts]
+    encoded = [ids for ids in encoded if len(ids) >= 2]  # one token has nothing after it to predict
+    if not encoded:
+        sys.exit(f"{corpus}: no passage of 2 or more tokens among the first {args.n}")
     totals = {"with BOS": [0.0, 0], "without BOS": [0.0, 0]}
-    for text in texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"][:args.max_tokens]
-        if len(ids) < 2:
-            continue
+    for ids in encoded:
         for name, prefix in (("with BOS", bos_used), ("without BOS", [])):
             loss, count = passage_losses(loaded.model, ids, prefix)
             totals[name][0] += loss
             totals[name][1] += count
     for name, (loss, count) in totals.items():
-        print(f"{name:12s} {loss / count:.3f} nats per token ({count} tokens, {len(texts)} passages)")
+        print(f"{name:12s} {loss / count:.3f} nats per token ({count} tokens, {len(encoded)} passages)")
     print(f"regrad encodes this model's documents {'with' if bos else 'without'} BOS")
     return 0
 

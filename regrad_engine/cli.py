@@ -374,6 +374,8 @@ def _earlier_eval(out, header: dict) -> dict | None:
         questions = earlier["questions"]
         if not isinstance(questions, list) or not all(isinstance(q, dict) for q in questions):
             raise TypeError("'questions' is not a list of records")
+        if not isinstance(earlier.get("document_bos", False), bool):
+            raise TypeError(f"'document_bos' is {earlier['document_bos']!r}, not true or false")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _usage(f"--out {out} exists but is not a readable `regrad eval` result ({exc}): "
                      "move it away or pick another --out (it is not overwritten)") from None

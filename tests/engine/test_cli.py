@@ -95,6 +95,9 @@ def test_eval_saves_after_each_system_and_resumes(workspace, capsys, monkeypatch
     assert main([*argv, "--systems", "direct"]) == 2
     assert "evaluation whose documents were encoded" in capsys.readouterr().err
     assert json.loads(out.read_text()) == encoded_otherwise
+    out.write_text(json.dumps({**resumed, "document_bos": "no"}))
+    assert main([*argv, "--systems", "direct"]) == 2
+    assert "'document_bos' is 'no', not true or false" in capsys.readouterr().err
     del resumed["document_bos"]  # as written before it was recorded: accepted
     out.write_text(json.dumps(resumed))
     assert main([*argv, "--systems", "direct"]) == 0
