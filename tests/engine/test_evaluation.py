@@ -205,3 +205,40 @@ def test_targets_combine_runs_larger_n_wins_and_a_collapse_anywhere_fails(tmp_pa
     also_collapsed = run(tmp_path / "also.json", 200, 0.20, 0.6)  # both fail: the larger run is shown
     targets.main(["--given", small, "--given", also_collapsed])
     assert "| squad | no top answer over 50% | 200 | **no** |" in capsys.readouterr().out
+
+
+def test_answer_sources_tell_gold_spans_from_distractor_and_question_spans(tmp_path, capsys):
+    """benchmarks/answer_sources.py: whole-word spans of normalised text, gold before distractor."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("answer_sources", ROOT / "benchmarks" / "answer_sources.py")
+    sources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sources)
+    gold, other = ["The Normans settled in Normandy."], ["Rollo led the Norse raiders."]
+    assert sources.answer_source("normandy.\nsystem", "Where did the Normans settle?", gold, other) == "gold"
+    assert sources.answer_source("Rollo", "Where did the Normans settle?", gold, other) == "distractor"
+    assert sources.answer_source("the Normans", "Where did the Normans settle?", gold, other) == "question"
+    assert sources.answer_source("Norman", "Where?", gold, other) == "none"  # not a whole word of either
+    assert sources.answer_source("", "Where?", gold, other) == "none"
+    corpus = {"g": gold[0], "d": other[0]}
+    records = [{"id": "q1", "source": "squad", "question": "Where did the Normans settle?", "answers": ["Normandy"],
+                "documents": ["d", "g"], "predictions": {"regrad": "Normandy", "random_grads": "Rollo"}},
+               {"id": "q2", "source": "pubmedqa", "question": "Did they?", "answers": ["yes"],
+                "documents": ["g"], "predictions": {"regrad": "yes"}}]
+    counts = sources.tabulate(records, corpus, {"q1": ["g"], "q2": ["g"]}, ["regrad", "random_grads"])
+    assert set(counts) == {"squad"}  # label sets left out
+    assert dict(counts["squad"]["regrad"]) == {"n": 1, "gold": 1, "gold_right": 1}
+    assert dict(counts["squad"]["random_grads"]) == {"n": 1, "distractor": 1}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in corpus.items()))
+    (data / "test.jsonl").write_text(json.dumps({"id": "q1", "gold_ids": ["g"]}) + "\n")
+    run = tmp_path / "eval.json"
+    run.write_text(json.dumps({"setting": "given", "split": "test", "questions": records[:1]}))
+    assert sources.main([str(run), "--data", str(data)]) == 0
+    assert "| squad | regrad | 1 | 1 (100%) | 1 | 0 (0%) | 0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="is not a `regrad data` directory"):
+        sources.main([str(run), "--data", str(tmp_path / "elsewhere")])
+    (data / "test.jsonl").write_text(json.dumps({"id": "q9", "gold_ids": ["g"]}) + "\n")  # another split's data
+    with pytest.raises(SystemExit, match="pass the data directory the evaluation ran on"):
+        sources.main([str(run), "--data", str(data)])
