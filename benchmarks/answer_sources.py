@@ -4,7 +4,8 @@ gold passage or only of the distractors, and how often those answers are right.
     python benchmarks/answer_sources.py benchmarks/results/general_given_meta16.json --data runs/general \\
         --out benchmarks/results/answer_sources_meta16.md
 
-For the given-passage setting of ``regrad eval`` (each record names its k passages). A
+Each record of ``regrad eval`` names its k passages: in the given setting the gold passage(s)
+among distractors, in the retrieval setting BM25's top k, which may hold no gold passage. A
 parametric system never sees the passages, so an answer that is a span of them (and not of
 the question) reached the model through the passages' gradients, or through its prior: the
 random-gradient and meta-LoRA rows give that prior's rate. "Right" is token F1 >= 0.5 against
@@ -95,7 +96,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("eval_json", help="a `regrad eval` --out file, given-passage setting")
+    p.add_argument("eval_json", help="a `regrad eval` --out file (either setting)")
     p.add_argument("--data", required=True, help="the data directory it was evaluated on (`regrad data --out`)")
     p.add_argument("--systems", default="meta_lora,random_grads,regrad", help="comma-separated")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
@@ -105,8 +106,6 @@ def main(argv=None) -> int:
         records = run["questions"]
     except (OSError, ValueError, KeyError) as exc:
         sys.exit(f"{args.eval_json} is not a readable `regrad eval` result ({exc})")
-    if run.get("setting", "given") != "given":
-        sys.exit(f"{args.eval_json} is a {run['setting']!r} run: this counts spans of given passages")
     data = Path(args.data)
     split = run.get("split", "test")
     try:
