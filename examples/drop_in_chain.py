@@ -87,7 +87,7 @@ class LocalLLM(LLM):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--meta", default=None, help="meta checkpoint (default: the PubMedQA one, else the general one)")
+    parser.add_argument("--meta", default=None, help="meta checkpoint (default: the shipped general one)")
     parser.add_argument("--model", default=None, help="base model directory (default: the embedded SmolLM2)")
     parser.add_argument("--workdir", default=str(_common.ROOT / "runs" / "examples" / "drop_in"))
     parser.add_argument("--docs", type=int, default=20, help="held-out PubMedQA abstracts in the store")

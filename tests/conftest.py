@@ -160,3 +160,16 @@ def runaway_turn(tokenizer):
 
     script = ids("yes") + [tokenizer.convert_tokens_to_ids("<|im_start|>")] + ids("system") + ids("yes")
     return ScriptedLogits(script, tokenizer.eos_token_id)
+
+
+def force_runaway_turns(monkeypatch, engine):
+    """Every generation of ``engine``'s model from now on (until the test ends) runs away past
+    its turn as :func:`runaway_turn` does: for adapters that pass no generate arguments through."""
+    from transformers import LogitsProcessorList
+
+    generate = engine.model.generate
+
+    def runaway(*args, **kwargs):
+        return generate(*args, **{**kwargs, "logits_processor": LogitsProcessorList([runaway_turn(engine.tokenizer)])})
+
+    monkeypatch.setattr(engine.model, "generate", runaway)

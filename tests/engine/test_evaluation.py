@@ -104,6 +104,40 @@ def test_gamma_scales_the_gradient_step_of_the_evaluated_systems(loaded, data_di
     assert none.predictions["regrad"] == none.predictions["random_grads"] == full.predictions["meta_lora"]
 
 
+def test_the_controls_see_what_they_should(loaded, data_dir, monkeypatch):
+    """The format control is the hybrid prompt without gradients; random gradients come from the run's other
+    passages, drawn by the seed; ReGrad gets each question's own passages."""
+    from regrad_engine.inference import ReGrad
+
+    model, meta = loaded
+    systems = ("meta_lora", "format_control", "regrad", "regrad_hybrid", "random_grads")
+    full = evaluate_systems(model, meta, data_dir, k=2, systems=systems, progress=False, log=lambda _: None)
+    none = evaluate_systems(model, meta, data_dir, k=2, systems=systems, progress=False, log=lambda _: None,
+                            gamma=0.0)
+    assert none.predictions["regrad_hybrid"] == full.predictions["format_control"]  # hybrid minus the gradients
+    assert full.predictions["format_control"] != full.predictions["meta_lora"]  # the passages are in its prompt
+    calls = {}
+    real = ReGrad.answer_batch
+
+    def spy(self, questions, **kwargs):
+        name = ("format_control" if kwargs.get("mode") == "hybrid" and kwargs.get("use_gradients") is False else
+                "meta_lora" if kwargs.get("use_gradients") is False else
+                "regrad_hybrid" if kwargs.get("mode") == "hybrid" else f"grads{len(calls)}")
+        calls[name] = [[h.id for h in docs] for docs in kwargs["documents"]]
+        return real(self, questions, **kwargs)
+
+    monkeypatch.setattr(ReGrad, "answer_batch", spy)
+    run = evaluate_systems(model, meta, data_dir, k=2, systems=systems, progress=False, log=lambda _: None)
+    own = [[h.id for h in docs] for docs in run.documents]
+    assert calls["format_control"] == calls["meta_lora"] == calls["regrad_hybrid"] == own
+    regrad, random_grads = calls["grads2"], calls["grads4"]  # in the order of `systems`
+    assert regrad == own and random_grads != own
+    assert {d for docs in random_grads for d in docs} <= {d for docs in own for d in docs}
+    assert all(len(set(docs)) == 2 for docs in random_grads)
+    again = evaluate_systems(model, meta, data_dir, k=2, systems=("random_grads",), progress=False, log=lambda _: None)
+    assert again.predictions["random_grads"] == run.predictions["random_grads"]  # the same draw for a seed
+
+
 def test_unknown_system_is_refused(loaded, data_dir):
     model, meta = loaded
     with pytest.raises(DataError, match="unknown system 'oracle'"):

@@ -191,6 +191,29 @@ def test_streaming_yields_the_same_text(engine, mode):
     assert "".join(streaming.response_gen).strip() == engine.answer(QUESTIONS[2], mode=mode).text
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_an_answer_ends_at_a_start_of_turn_marker(engine, mode, monkeypatch):
+    """A model that opens a new turn ('yes<|im_start|>system yes') answers 'yes' through every LlamaIndex path."""
+    from tests.conftest import force_runaway_turns
+
+    assert ReGradQueryEngine(engine=engine, mode=mode).query(QUESTIONS[0]).response != "yes"  # the script makes it
+    force_runaway_turns(monkeypatch, engine)
+    query_engine = ReGradQueryEngine(engine=engine, mode=mode, max_new_tokens=12)
+    assert query_engine.query(QUESTIONS[0]).response == "yes"
+    assert [r.response for r in query_engine.query_batch(QUESTIONS[:2])] == ["yes", "yes"]
+    streaming = ReGradQueryEngine(engine=engine, mode=mode, streaming=True, max_new_tokens=12).query(QUESTIONS[0])
+    assert "".join(streaming.response_gen).strip() == "yes"
+    hits = engine.retrieve([QUESTIONS[0]], engine.k)[0]
+    llm = ReGradLLM(engine=engine, mode=mode, max_new_tokens=12)
+    nodes = "\n\n".join(h.text for h in hits)
+    prompt = f"Context information is below.\n{nodes}\nQuery: {QUESTIONS[0]}\nAnswer: "
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a bare prompt names no nodes: the gradients do not matter here
+        assert llm.complete(prompt).text == "yes"
+        assert list(llm.stream_complete(prompt))[-1].text == "yes"
+        assert llm.chat([ChatMessage(role=MessageRole.USER, content=prompt)]).message.content == "yes"
+
+
 def test_query_batch_equals_one_at_a_time_in_one_engine_call(engine, monkeypatch):
     query_engine = ReGradQueryEngine(engine=engine, mode="hybrid")
     alone = [query_engine.query(q) for q in QUESTIONS[:4]]

@@ -104,6 +104,20 @@ def test_text_completions_one_choice_per_prompt(client):
     assert response.usage.completion_tokens <= 10
 
 
+def test_an_answer_ends_at_a_start_of_turn_marker(client, engine, monkeypatch):
+    """A model that opens a new turn ('yes<|im_start|>system yes') answers 'yes', streamed or not."""
+    from tests.conftest import force_runaway_turns
+
+    assert chat(client, QUESTIONS[0], max_tokens=12).choices[0].message.content != "yes"  # the script makes it
+    force_runaway_turns(monkeypatch, engine)
+    whole = chat(client, QUESTIONS[0], max_tokens=12).choices[0]
+    assert (whole.message.content, whole.finish_reason) == ("yes", "stop")
+    streamed = list(chat(client, QUESTIONS[0], max_tokens=12, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "yes"
+    completions = client.completions.create(model="x", prompt=QUESTIONS[:2], max_tokens=12)
+    assert [c.text for c in completions.choices] == ["yes", "yes"]
+
+
 def test_stop_sequences_and_max_tokens(client, engine):
     whole = chat(client, QUESTIONS[3], max_tokens=8).choices[0]
     assert len(whole.message.content) >= 3
