@@ -11,8 +11,9 @@ Systems (greedy, same prompts and the same k documents per question):
     meta_lora       meta-learned phi, no document gradients, no passages
     format_control  meta-learned phi, the k passages in the prompt, no gradients: what the
                     LoRA teaches about answer form (hybrid must beat it to claim knowledge)
-    random_grads    meta-learned phi + the gradients of k random passages (drawn from the
-                    documents of the run's other questions)
+    random_grads    meta-learned phi + the gradients of k random passages (drawn by the seed
+                    from all the run's passages: by chance one of the question's own now and
+                    then, 8 of 1,200 questions in the shipped test run, which favours the control)
     regrad          meta-learned phi + the k passages' gradients (parametric)
     regrad_hybrid   ReGrad + the k passages in the prompt
     raw_gradients   gradients taken at a fresh LoRA (no meta-learning), same alpha
@@ -115,8 +116,8 @@ def evaluate_systems(model: LoadedModel, meta: MetaCheckpoint, data_dir: str | P
     else:
         searched = sorted(d for d, row in docs.items() if row.get("split", split) == split)
         documents = _retrieve(docs, searched, [item.question for item in items], k)
-    # random passages come from the other questions' documents: test passages whose
-    # gradients are computed anyway
+    # random passages come from the run's documents (test passages whose gradients are
+    # computed anyway); a question's own passage is not excluded
     pool = sorted({h.id for d in documents for h in d})
     rng = random.Random(seed + 7)
     random_docs = [[Hit(d, docs[d]["text"], 0.0) for d in rng.sample(pool, min(k, len(pool)))] for _ in items]

@@ -105,7 +105,7 @@ def test_gamma_scales_the_gradient_step_of_the_evaluated_systems(loaded, data_di
 
 
 def test_the_controls_see_what_they_should(loaded, data_dir, monkeypatch):
-    """The format control is the hybrid prompt without gradients; random gradients come from the run's other
+    """The format control is the hybrid prompt without gradients; random gradients come from the run's
     passages, drawn by the seed; ReGrad gets each question's own passages."""
     from regrad_engine.inference import ReGrad
 
