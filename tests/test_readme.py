@@ -22,3 +22,11 @@ def test_readme_commands_are_the_ci_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in readme and "bash scripts/test.sh" in ci
     assert "bash scripts/demo.sh" in readme
+
+
+def test_readme_per_set_tables_are_the_result_files():
+    readme = (ROOT / "README.md").read_text()
+    named = re.findall(r"<!-- table: (\S+) -->\n", readme)
+    assert len(named) >= 2
+    for path in named:
+        assert f"<!-- table: {path} -->\n{(ROOT / path).read_text().rstrip()}\n\n</details>" in readme
