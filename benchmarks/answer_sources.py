@@ -24,14 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from regrad_engine.metrics import first_line, normalize_answer, token_f1  # noqa: E402
+from regrad_engine.data import DataError, load_documents, read_jsonl  # noqa: E402
+from regrad_engine.metrics import answer_key, normalize_answer, token_f1  # noqa: E402
 
 LABEL_SETS = ("pubmedqa",)
-
-
-def _answer_text(prediction: str) -> str:
-    line = first_line(prediction)
-    return normalize_answer(line[:-1] if line.endswith(".") else line)
 
 
 def _within(span: str, text: str) -> bool:
@@ -41,7 +37,7 @@ def _within(span: str, text: str) -> bool:
 def answer_source(prediction: str, question: str, gold_texts: list[str], other_texts: list[str]) -> str:
     """``"gold"``, ``"distractor"`` (a span of a distractor only), ``"question"`` (a span of the
     question) or ``"none"``."""
-    span = _answer_text(prediction)
+    span = answer_key(prediction)
     if not span:
         return "none"
     if _within(span, normalize_answer(question)):
@@ -89,11 +85,6 @@ def markdown(counts, systems: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("eval_json", help="a `regrad eval` --out file (either setting)")
@@ -109,9 +100,9 @@ def main(argv=None) -> int:
     data = Path(args.data)
     split = run.get("split", "test")
     try:
-        corpus = {r["id"]: r["text"] for r in _read_jsonl(data / "corpus.jsonl")}
-        gold_ids = {r["id"]: r["gold_ids"] for r in _read_jsonl(data / f"{split}.jsonl")}
-    except (OSError, ValueError, KeyError) as exc:
+        corpus = {d: row["text"] for d, row in load_documents(data).items()}
+        gold_ids = {r["id"]: r["gold_ids"] for r in read_jsonl(data / f"{split}.jsonl")}
+    except (DataError, KeyError) as exc:
         sys.exit(f"{data} is not a `regrad data` directory with corpus.jsonl and {split}.jsonl ({exc})")
     missing = [r["id"] for r in records if r["id"] not in gold_ids or any(d not in corpus for d in r["documents"])]
     if missing:

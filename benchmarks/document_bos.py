@@ -12,7 +12,6 @@ encodings (every token after the passage's first), so the two figures compare di
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from regrad_engine.data import DataError, read_jsonl  # noqa: E402
 from regrad_engine.models import load_model  # noqa: E402
 from regrad_engine.prompts import bos_prefix  # noqa: E402
 
@@ -53,17 +53,10 @@ def main(argv=None) -> int:
         corpus = corpus / "corpus.jsonl"
     if not corpus.is_file():
         sys.exit(f"{corpus} does not exist: pass the corpus.jsonl (or the directory) written by `regrad data --out DIR`")
-    texts = []
-    with corpus.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(str(json.loads(line)["text"]))
-            except (ValueError, KeyError, TypeError):
-                sys.exit(f"{corpus}:{number} is not a JSON record with a 'text': pass a corpus written by `regrad data`")
-            if len(texts) == args.n:
-                break
+    try:
+        texts = [str(row["text"]) for row in read_jsonl(corpus)[:args.n]]
+    except (DataError, KeyError) as exc:
+        sys.exit(f"{corpus} is not a corpus written by `regrad data` ({exc})")
     loaded = load_model(args.model)
     tok, bos = loaded.tokenizer, bos_prefix(loaded.tokenizer)
     print(f"model {loaded.name}: the tokenizer begins text with BOS: {bool(bos)} "

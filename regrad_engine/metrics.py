@@ -20,6 +20,7 @@ from typing import Sequence
 
 __all__ = [
     "Scores",
+    "answer_key",
     "bootstrap_interval",
     "top_answer_share",
     "contains_answer",
@@ -76,6 +77,12 @@ def _prepare(prediction: str) -> str:
     return line
 
 
+def answer_key(prediction: str) -> str:
+    """The answer a prediction gives, as scored: its first line without one trailing period,
+    normalised (:func:`normalize_answer`)."""
+    return normalize_answer(_prepare(prediction))
+
+
 def _check_answers(answers: Sequence[str]) -> None:
     if isinstance(answers, str):
         raise TypeError("answers must be a list of strings, not a single string")
@@ -97,7 +104,7 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
         ValueError: If ``answers`` is empty.
     """
     _check_answers(answers)
-    pred = normalize_answer(_prepare(prediction))
+    pred = answer_key(prediction)
     return float(any(pred == normalize_answer(a) for a in answers))
 
 
@@ -131,7 +138,7 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
         ValueError: If ``answers`` is empty.
     """
     _check_answers(answers)
-    pred_tokens = normalize_answer(_prepare(prediction)).split()
+    pred_tokens = answer_key(prediction).split()
     return max(_f1_single(pred_tokens, normalize_answer(a).split()) for a in answers)
 
 
@@ -154,7 +161,7 @@ def contains_answer(prediction: str, answers: Sequence[str]) -> float:
         ValueError: If ``answers`` is empty.
     """
     _check_answers(answers)
-    padded = f" {normalize_answer(_prepare(prediction))} "
+    padded = f" {answer_key(prediction)} "
     for answer in answers:
         gold = normalize_answer(answer)
         if gold and f" {gold} " in padded:
@@ -243,6 +250,6 @@ def top_answer_share(predictions: Sequence[str]) -> tuple[str, float]:
     give it: a collapse detector (a model answering "yes" to everything shows 1.0)."""
     if not predictions:
         return "", 0.0
-    counts = Counter(normalize_answer(_prepare(p)) for p in predictions)
+    counts = Counter(answer_key(p) for p in predictions)
     answer, count = max(counts.items(), key=lambda item: (item[1], item[0]))
     return answer, count / len(predictions)
